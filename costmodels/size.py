@@ -1,0 +1,61 @@
+"""Exact model size in bytes.
+
+size(plan) = Σ_l weight_nbytes(layer l at its option)          (packed codes + fp16 scales/zeros)
+           + every other parameter and buffer at its own dtype  (biases, embeddings, norms, ...)
+Tensors shared between modules (tied embeddings) count once, as ``model.parameters()`` does. The
+result equals the byte count of the model after ``apply_plan_(model, plan, mode="packed")``.
+1 MB = 10**6 bytes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..kernels.formats import QuantSpec
+from .registry import register
+
+__all__ = ["size_table", "model_nbytes", "base_nbytes", "MB"]
+
+MB = 10 ** 6
+
+
+def _unique_tensors(model: torch.nn.Module):
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) \
+            if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            yield t
+
+
+def model_nbytes(model: torch.nn.Module) -> int:
+    """Real bytes of every distinct parameter and buffer of ``model``."""
+    return sum(t.numel() * t.element_size() for t in _unique_tensors(model))
+
+
+def base_nbytes(model: torch.nn.Module, layer_names) -> int:
+    """Bytes of everything that is not the weight of one of ``layer_names`` (kept as it is)."""
+    mods = dict(model.named_modules())
+    skip = set()
+    for n in layer_names:
+        if n not in mods or getattr(mods[n], "weight", None) is None:
+            raise ValueError(f"layer {n!r} is not a module with a weight in {type(model).__name__}")
+        w = mods[n].weight
+        skip.add((w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), w.dtype))
+    total = 0
+    for t in _unique_tensors(model):
+        if (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) not in skip:
+            total += t.numel() * t.element_size()
+    return total
+
+
+@register("size")
+def size_table(layers, specs) -> np.ndarray:
+    """(L, B) exact bytes of each layer's weight under each spec.
+
+    Example: ``size_table(graph.layers, [QuantSpec(4, 128), QuantSpec(8)])``
+    """
+    specs = [s if isinstance(s, QuantSpec) else QuantSpec(s) for s in specs]
+    return np.array([[s.nbytes(l.out_features, l.in_features) for s in specs] for l in layers],
+                    dtype=np.float64)                                               # (L, B) bytes

@@ -1,0 +1,82 @@
+"""apply_plan_: quantize a model in place according to a Plan.
+
+``mode="fake"``   each planned weight is replaced by its dequantized value (same modules, same dtype);
+                  what sensitivity and evaluation see.
+``mode="packed"`` each planned layer is swapped for a module holding packed codes + fp16 scales, so
+                  the model's parameters + buffers shrink to the bytes ``costmodels.size`` predicts.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import PlanMismatchError
+from ..graph import find_layers, fingerprint, layer_weight_2d
+from .formats import FP16_BITS
+from .packed import FP16Layer, PackedLayer
+from .quantizer import fake_quantize
+
+__all__ = ["apply_plan_", "check_plan", "MODES"]
+
+MODES = ("fake", "packed")
+
+
+def check_plan(model: nn.Module, plan) -> dict:
+    """Raise :class:`PlanMismatchError` naming layers that differ; returns name -> LayerInfo."""
+    layers = {l.name: l for l in find_layers(model)}
+    missing = [n for n in plan.layers if n not in layers]
+    shapes = plan.meta.get("layer_shapes", {}) if isinstance(plan.meta, dict) else {}
+    bad_shape = [n for n in plan.layers if n in layers and n in shapes
+                 and tuple(shapes[n]) != layers[n].weight_shape]
+    same_arch = fingerprint(sorted(layers.values(), key=lambda l: l.name)) == plan.model_fingerprint
+    extra = [] if same_arch else [n for n in layers if n not in plan.layers]
+    if missing or bad_shape or not same_arch:
+        parts = []
+        if missing:
+            parts.append(f"plan layers not in the model: {missing}")
+        if bad_shape:
+            parts.append("weight shapes differ: " + ", ".join(
+                f"{n} plan {tuple(shapes[n])} vs model {layers[n].weight_shape}" for n in bad_shape))
+        if extra:
+            parts.append(f"model layers not in the plan: {extra}")
+        if not parts:
+            parts.append("model fingerprint differs from the plan's (weight shapes changed)")
+        raise PlanMismatchError(f"plan does not match {type(model).__name__}: " + "; ".join(parts),
+                                missing, extra, bad_shape)
+    return layers
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def apply_plan_(model: nn.Module, plan, mode: str = "fake") -> nn.Module:
+    """Quantize ``model`` in place as ``plan`` says; returns the model.
+
+    Example: ``bitplan.apply_plan_(model, bitplan.Plan.load("plan.json"), mode="packed")``
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not supported; allowed: {list(MODES)}")
+    layers = check_plan(model, plan)
+    kernels = {}
+    for name, spec in plan.layers.items():
+        mod = model.get_submodule(name)
+        kind = layers[name].kind
+        w2d = layer_weight_2d(mod, kind)
+        if mode == "fake":
+            with torch.no_grad():
+                wq = fake_quantize(w2d, spec.bits, spec.group_size, spec.symmetric)   # (N, K)
+                if kind == "hf_conv1d":
+                    mod.weight.copy_(wq.t())
+                else:
+                    mod.weight.copy_(wq.reshape(mod.weight.shape))
+            kernels[name] = "fake"
+            continue
+        new = FP16Layer(mod, kind, w2d) if spec.bits == FP16_BITS else \
+            PackedLayer.from_module(mod, kind, w2d, spec)
+        new.train(mod.training)
+        _set_module(model, name, new)
+        kernels[name] = new.kernel
+    model.bitplan_plan = plan.with_kernels(kernels)      # which kernel each layer actually runs
+    return model
