@@ -112,6 +112,8 @@ class Problem:
 
     def tie_groups(self) -> list[list[int]]:
         """Ties merged transitively (union-find); singletons omitted."""
+        if not self.ties:                                 # fast path: 10^5..10^6 rows, no ties
+            return []
         parent = list(range(self.loss.shape[0]))
 
         def find(i):
@@ -139,19 +141,25 @@ class Problem:
         a reduced choice ``c`` expands to ``c[row_of]``.
         """
         L = self.loss.shape[0]
+        groups = self.tie_groups()
+        if not groups:                                    # nothing to contract (fixed is in allowed)
+            return self, np.arange(L)
         row_of = np.arange(L)
-        for g in self.tie_groups():
+        for g in groups:
             row_of[g] = g[0]
         reps, row_of = np.unique(row_of, return_inverse=True)
         R = len(reps)
 
-        def add(t):
+        def add(t):                                       # (L, B) -> (R, B), rows of a group summed
             out = np.zeros((R, t.shape[1]))
             np.add.at(out, row_of, t)
             return out
         allowed = np.ones((R, self.loss.shape[1]), bool)
         np.logical_and.at(allowed, row_of, self.allowed)
-        names = ["+".join(self.names[i] for i in np.flatnonzero(row_of == r)) for r in range(R)]
+        members: list[list[str]] = [[] for _ in range(R)]
+        for i, r in enumerate(row_of.tolist()):           # O(L), not O(L·R)
+            members[r].append(self.names[i])
+        names = ["+".join(m) for m in members]
         p = Problem(add(self.loss), {k: add(v) for k, v in self.costs.items()}, dict(self.budgets),
                     [], names, {}, allowed)
         return p, row_of
