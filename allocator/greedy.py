@@ -7,7 +7,7 @@ MILP plan breaks a budget by a tolerance).
 
 Example:
     >>> t = Tables.of(red)
-    >>> c = repair(t, t.loss.argmin(1))          # feasible (R,) choice, or InfeasibleBudgetError
+    >>> c = repair(t, t.loss.argmin(0))          # feasible (R,) choice, or InfeasibleBudgetError
     >>> c = improve(t, c, price=lam)             # never worse, still feasible
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from bitplan.errors import InfeasibleBudgetError
 
-from .common import Tables
+from .common import Tables, argmin0
 
 __all__ = ["repair", "improve", "feasible", "FEAS_TOL"]
 
@@ -28,11 +28,10 @@ def feasible(t: Tables, choice: np.ndarray) -> bool:
     return bool(np.all(t.totals(choice) <= t.cap + FEAS_TOL))
 
 
-def _deltas(t: Tables, choice: np.ndarray, rows: np.ndarray):
-    """Loss and cost change of moving each row in ``rows`` to each option: (n, B), (K, n, B)."""
-    c = choice[rows]
-    dl = t.loss[rows] - t.loss[rows, c][:, None]
-    dc = t.cost[:, rows] - t.cost[:, rows, c][:, :, None]
+def _deltas(t: Tables, choice: np.ndarray):
+    """Loss and cost change of moving every row to every option: (B, R), (K, B, R)."""
+    dl = t.loss - t.take(t.loss, choice)
+    dc = t.cost - t.take(t.cost, choice)[:, None, :]
     return dl, dc
 
 
@@ -44,38 +43,38 @@ def repair(t: Tables, choice: np.ndarray, max_passes: int = 200) -> np.ndarray:
     (the heuristic gives up; this does not prove infeasibility — an exact solver can).
     """
     choice = np.asarray(choice, dtype=np.int64).copy()
-    R = len(choice)
     for _ in range(max_passes):
-        tot = t.totals(choice)
-        excess = tot - t.cap                                         # (K,)
+        excess = t.totals(choice) - t.cap                            # (K,)
         broken = excess > FEAS_TOL
         if not broken.any():
             return choice
-        rows = np.arange(R)
-        dl, dc = _deltas(t, choice, rows)
+        dl, dc = _deltas(t, choice)
         slack = np.maximum(-excess, 1e-15)
-        w = np.where(broken, 1.0 / np.maximum(excess, 1e-15), -1.0 / slack)    # (K,)
-        gain = np.where(broken[:, None, None], np.minimum(-dc, excess[:, None, None]),
-                        np.maximum(dc, 0.0))
-        relief = np.tensordot(w, gain, axes=1)                       # (R, B)
+        relief = np.zeros_like(dl)                                   # (B, R)
+        for k in range(len(excess)):
+            if broken[k]:
+                relief += np.minimum(-dc[k], excess[k]) / excess[k]
+            else:
+                relief -= np.maximum(dc[k], 0.0) / slack[k]
         ok = t.allowed & (relief > 1e-15)
         score = np.where(ok, np.maximum(dl, 0.0) / np.where(ok, relief, 1.0), np.inf)
-        b = score.argmin(1)                                          # (R,) best move per row
-        s = score[rows, b]
+        b, s = argmin0(score)                                        # (R,) best move per row
         cand = np.flatnonzero(np.isfinite(s))
         if len(cand) == 0:
             raise InfeasibleBudgetError(
                 "greedy repair found no plan meeting all budgets together (a heuristic, not a proof; "
                 "method='highs' can prove infeasibility)")
         cand = cand[np.argsort(s[cand], kind="stable")]
-        mv = dc[:, cand, b[cand]]                                    # (K, n) cost change per move
+        mv = dc[:, b[cand], cand]                                    # (K, n) cost change per move
         cum = np.cumsum(mv, axis=1)
         need = np.flatnonzero(broken)
-        covered = np.all(cum[need] <= -excess[need, None] + 0.0, axis=0)   # (n,) all fixed after i
+        covered = np.all(cum[need] <= -excess[need, None], axis=0)   # (n,) all fixed after i moves
         n = int(np.argmax(covered)) + 1 if covered.any() else len(cand)
-        over = np.any(cum[~broken, :n] > -excess[~broken, None], axis=0) if (~broken).any() else None
-        if over is not None and over.any():                          # don't break a budget that holds
-            n = max(1, int(np.argmax(over)))
+        hold = ~broken
+        if hold.any():                                               # don't break a budget that holds
+            over = np.any(cum[hold, :n] > -excess[hold, None], axis=0)
+            if over.any():
+                n = max(1, int(np.argmax(over)))
         choice[cand[:n]] = b[cand[:n]]
     raise InfeasibleBudgetError(f"greedy repair did not reach feasibility in {max_passes} passes")
 
@@ -88,37 +87,37 @@ def improve(t: Tables, choice: np.ndarray, price: np.ndarray | None = None,
     1/slack. ``choice`` must be feasible; the result is feasible and never has a higher loss.
     """
     choice = np.asarray(choice, dtype=np.int64).copy()
-    K, R = t.cost.shape[0], len(choice)
-    rows_all = np.arange(R)
+    K = t.cost.shape[0]
     for _ in range(max_passes):
         slack = t.cap - t.totals(choice)                             # (K,) >= -FEAS_TOL
-        p = (1.0 / np.maximum(slack, 1e-12)) if price is None else np.maximum(np.asarray(price), 0)
-        p = p + 1e-9 * max(float(p.max()), 1e-12) if K else p
-        dl, dc = _deltas(t, choice, rows_all)
-        fits = t.allowed & (dl < 0) & np.all(dc <= slack[:, None, None] + FEAS_TOL, axis=0)
+        p = (1.0 / np.maximum(slack, 1e-12)) if price is None else np.maximum(np.asarray(price, float), 0)
+        if K:
+            p = p + 1e-9 * max(float(p.max()), 1e-12)
+        dl, dc = _deltas(t, choice)
+        fits = t.allowed & (dl < 0)
+        use = np.zeros_like(dl)
+        for k in range(K):
+            fits &= dc[k] <= slack[k] + FEAS_TOL
+            use += p[k] * np.maximum(dc[k], 0.0)
         if not fits.any():
             return choice
-        use = np.tensordot(p, np.maximum(dc, 0.0), axes=1) if K else np.zeros_like(dl)
-        score = np.where(fits, -dl / (use + 1e-300), -np.inf)        # gain per priced cost
-        b = score.argmax(1)
-        s = score[rows_all, b]
-        cand = np.flatnonzero(s > -np.inf)
-        cand = cand[np.argsort(-s[cand], kind="stable")]
+        neg = np.where(fits, dl / (use + 1e-300), np.inf)            # −(gain per priced cost)
+        b, s = argmin0(neg)
+        cand = np.flatnonzero(np.isfinite(s))
+        cand = cand[np.argsort(s[cand], kind="stable")]
         moved = False
         while len(cand):                                             # longest fitting prefix, repeat
-            mv = dc[:, cand, b[cand]]                                # (K, n)
+            mv = dc[:, b[cand], cand]                                # (K, n)
             cum = np.cumsum(mv, axis=1)
-            bad = np.any(cum > slack[:, None] + FEAS_TOL, axis=0) if K else np.zeros(len(cand), bool)
+            bad = np.any(cum > slack[:, None] + FEAS_TOL, axis=0)
             n = int(np.argmax(bad)) if bad.any() else len(cand)
             if n == 0:
                 break
             choice[cand[:n]] = b[cand[:n]]
-            slack = slack - cum[:, n - 1] if K else slack
+            slack = slack - cum[:, n - 1]
             moved = True
             rest = cand[n:]
-            keep = np.all(dc[:, rest, b[rest]] <= slack[:, None] + FEAS_TOL, axis=0) if K else \
-                np.ones(len(rest), bool)
-            cand = rest[keep]
+            cand = rest[np.all(dc[:, b[rest], rest] <= slack[:, None] + FEAS_TOL, axis=0)]
         if not moved:
             return choice
     return choice

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from .common import OPT_RTOL, Tables, finish, remaining
+from .common import OPT_RTOL, Tables, argmin0, finish, remaining
 from .greedy import feasible, improve, repair
 from .problem import Problem, Solution
 from .registry import register
@@ -42,22 +42,29 @@ class LagrangeResult:
         self.seconds = seconds
 
 
+def _priced(t: Tables, lam: np.ndarray) -> np.ndarray:
+    """loss + Σ_k λ_k cost_k, (B, R)."""
+    c = t.loss.copy()
+    for k, l in enumerate(lam):
+        if l != 0:
+            c += l * t.cost[k]
+    return c
+
+
 class _Dual:
     """d(λ), a subgradient and the argmin plan; remembers every evaluation (each one a cut)."""
 
     def __init__(self, t: Tables):
         self.t = t
-        self.rows = np.arange(t.loss.shape[0])
         self.cuts: list[tuple[np.ndarray, float, np.ndarray]] = []      # (λ, d, g)
         self.best = (-np.inf, None, None)                               # (d, λ, choice)
         self.best_feasible = (np.inf, None)                             # (objective, choice)
 
     def __call__(self, lam: np.ndarray):
         t = self.t
-        c = t.loss + np.tensordot(lam, t.cost, axes=1) if len(lam) else t.loss   # (R, B)
-        ch = c.argmin(1)                                                 # (R,)
+        ch, m = argmin0(_priced(t, lam))                                 # (R,), (R,)
         tot = t.totals(ch)                                               # (K,)
-        d = float(c[self.rows, ch].sum() - lam @ t.cap)
+        d = float(m.sum() - lam @ t.cap)
         g = tot - t.cap
         lam = np.array(lam, dtype=float)
         self.cuts.append((lam, d, g))
@@ -169,11 +176,9 @@ def _recover(t: Tables, dual: _Dual) -> np.ndarray:
         cands.append(dual.best_feasible[1])
     # the plans at the best few multipliers (slightly infeasible ones repair cheaply)
     order = sorted(range(len(dual.cuts)), key=lambda i: -dual.cuts[i][1])[:4]
-    rows = np.arange(t.loss.shape[0])
     for i in order:
         lam_i = dual.cuts[i][0]
-        c = t.loss + np.tensordot(lam_i, t.cost, axes=1)
-        cands.append(c.argmin(1))
+        cands.append(argmin0(_priced(t, lam_i))[0])
     best, best_obj = None, np.inf
     for ch in cands:
         try:
@@ -185,8 +190,7 @@ def _recover(t: Tables, dual: _Dual) -> np.ndarray:
         if obj < best_obj:
             best, best_obj = ch, obj
     if best is None:                          # last resort: repair from the cheapest plan
-        best = improve(t, repair(t, np.where(t.allowed, t.cost.sum(0), np.inf).argmin(1)), price=lam)
-    del rows
+        best = improve(t, repair(t, argmin0(np.where(t.allowed, t.cost.sum(0), np.inf))[0]), price=lam)
     return best
 
 
@@ -201,7 +205,7 @@ def solve(problem: Problem, time_limit: float | None = None, max_iter: int = 200
     red, row_of = problem.reduced()
     t = Tables.of(red)
     r = lagrangian(t, time_limit, max_iter, gap_tol, lam0)
-    info = {"iterations": r.evals, "lambda": (r.lam / t.cost_scale * t.spread).tolist(),
-            "lambda_normalised": r.lam.tolist(), "solve_s": r.seconds, "build_s": r.seconds and
-            (time.perf_counter() - t0 - r.seconds)}
+    build_s = time.perf_counter() - t0 - r.seconds
+    info = {"iterations": r.evals, "lambda": (r.lam / t.cost_scale * t.spread).tolist(),  # loss/cost
+            "lambda_normalised": r.lam.tolist(), "solve_s": r.seconds, "build_s": build_s}
     return finish(problem, row_of, r.choice, t.to_loss(r.bound), "lagrange", t0, info, t.spread)
