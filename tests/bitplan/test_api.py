@@ -1,0 +1,103 @@
+"""bitplan.allocate end to end: budgets respected, packed bytes == prediction, model untouched."""
+import copy
+
+import pytest
+import torch
+
+import bitplan
+from bitplan.costmodels import MB, model_nbytes
+from bitplan.demo import uniform_plan
+from bitplan.graph import LayerGraph
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def sizes(model, bits):
+    g = LayerGraph.build(model)
+    from bitplan.costmodels import base_nbytes
+    return uniform_plan(g, bits, base_bytes=base_nbytes(model, g.names)).predicted["size_bytes"] / MB
+
+
+def test_allocate_digits_budget_and_exact_packed_size(digits_mlp):
+    model, Xtr, ytr, Xte, yte = digits_mlp
+    before, grads = state(model), [p.requires_grad for p in model.parameters()]
+    budget = (sizes(model, 3) + sizes(model, 8)) / 2
+    batches = [Xtr[i:i + 256] for i in range(0, 768, 256)]
+    loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])   # noqa: E731
+    plan = bitplan.allocate(model, budget_mb=budget, calib_data=[(Xtr[:256], ytr[:256])], loss_fn=loss_fn,
+                            bits=(2, 3, 4, 8), sensitivity_opts={"max_probes": 16})
+    assert plan.predicted["size_bytes"] <= budget * MB
+    assert plan.solver["status"] == "optimal" and plan.solver["bound"] == plan.solver["objective"]
+    # the model is not mutated
+    after = state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.requires_grad for p in model.parameters()] == grads and not model.training
+    packed = bitplan.apply_plan_(copy.deepcopy(model), plan, mode="packed")
+    assert model_nbytes(packed) == plan.predicted["size_bytes"]
+    fake = bitplan.apply_plan_(copy.deepcopy(model), plan, mode="fake")
+    assert torch.equal(packed(Xte), fake(Xte))                       # packed numerics == fake quantization
+    acc = lambda m: (m(Xte).argmax(1) == yte).float().mean().item()   # noqa: E731
+    assert acc(fake) > acc(model) - 0.05                             # a mid budget keeps accuracy
+    # label-free default works on the same model
+    plan2 = bitplan.allocate(model, budget_mb=budget, calib_data=batches, sensitivity_opts={"max_probes": 8})
+    assert plan2.predicted["size_bytes"] <= budget * MB and plan2.estimator["loss"].startswith("label-free")
+
+
+def test_more_budget_never_hurts_predicted_loss(digits_mlp):
+    model, Xtr, *_ = digits_mlp
+    from bitplan.sensitivity import score
+    table = score(model, [Xtr[:256]], bits=(2, 4, 8), max_probes=8)
+    objs = [bitplan.allocate(model, budget_mb=b, calib_data=[Xtr[:256]], bits=(2, 4, 8),
+                             sensitivity_table=table).solver["objective"]
+            for b in (sizes(model, 2) * 1.001, (sizes(model, 2) + sizes(model, 8)) / 2, sizes(model, 8))]
+    assert objs[0] >= objs[1] >= objs[2] == pytest.approx(table.loss[:, 2].sum())
+
+
+def test_infeasible_budget_states_smallest(digits_mlp):
+    model, Xtr, *_ = digits_mlp
+    small = sizes(model, 2)
+    with pytest.raises(bitplan.InfeasibleBudgetError, match=f"{small:.6f} MB") as e:
+        bitplan.allocate(model, budget_mb=small * 0.9, calib_data=[Xtr[:64]])
+    assert e.value.smallest["size_mb"] == pytest.approx(small)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"budget_mb": -1}, "budget_mb=-1"),
+    ({"budget_mb": 1.0, "bits": (1, 4)}, "bits=1"),
+    ({"budget_mb": 1.0, "sensitivity": "nope"}, "unknown sensitivity method 'nope'"),
+    ({"budget_mb": 1.0, "solver": "nope"}, "unknown solver 'nope'"),
+    ({}, "at least one budget"),
+    ({"budget_mb": 1.0, "calib_data": []}, "calib_data is empty"),
+])
+def test_bad_arguments_named(digits_mlp, kwargs, match):
+    model, Xtr, *_ = digits_mlp
+    kwargs = {"calib_data": [Xtr[:32]], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        bitplan.allocate(model, sensitivity_opts={"max_probes": 2, "min_probes": 2}, **kwargs)
+
+
+def test_plan_mismatch_names_layers(digits_mlp):
+    model, Xtr, *_ = digits_mlp
+    plan = uniform_plan(LayerGraph.build(model), 4)
+    other = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
+    with pytest.raises(bitplan.PlanMismatchError, match="'4'") as e:
+        bitplan.apply_plan_(other, plan)
+    assert e.value.missing == ["4"] and e.value.shape == ["2"]
+    with pytest.raises(ValueError, match="mode='int3'"):
+        bitplan.apply_plan_(copy.deepcopy(model), plan, mode="int3")
+
+
+@pytest.mark.slow
+def test_allocate_minilm(minilm):
+    model = minilm.model
+    budget = (sizes(model, 4) + sizes(model, 8)) / 2
+    plan = bitplan.allocate(model, budget_mb=budget, calib_data=minilm.calib_data[:1],
+                            sensitivity_opts={"max_probes": 4, "min_probes": 4})
+    assert plan.predicted["size_bytes"] <= budget * MB and len(plan.layers) == 37
+    packed = bitplan.apply_plan_(copy.deepcopy(model), plan, mode="packed")
+    assert model_nbytes(packed) == plan.predicted["size_bytes"]
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(packed(**minilm.eval_data[0]), model(**minilm.eval_data[0]))
+    assert cos.mean() > 0.9
