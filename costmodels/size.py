@@ -19,11 +19,17 @@ __all__ = ["size_table", "model_nbytes", "base_nbytes", "MB"]
 MB = 10 ** 6
 
 
+def _key(t: torch.Tensor):
+    """Identity of a tensor's bytes; opaque tensors (oneDNN prepacked weights) have no storage."""
+    if t.device.type == "meta" or t.is_mkldnn:
+        return id(t)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
 def _unique_tensors(model: torch.nn.Module):
     seen = set()
     for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) \
-            if t.device.type != "meta" else id(t)
+        key = _key(t)
         if key not in seen:
             seen.add(key)
             yield t
@@ -41,21 +47,22 @@ def base_nbytes(model: torch.nn.Module, layer_names) -> int:
     for n in layer_names:
         if n not in mods or getattr(mods[n], "weight", None) is None:
             raise ValueError(f"layer {n!r} is not a module with a weight in {type(model).__name__}")
-        w = mods[n].weight
-        skip.add((w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), w.dtype))
+        skip.add(_key(mods[n].weight))
     total = 0
     for t in _unique_tensors(model):
-        if (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) not in skip:
+        if _key(t) not in skip:
             total += t.numel() * t.element_size()
     return total
 
 
 @register("size")
-def size_table(layers, specs) -> np.ndarray:
-    """(L, B) exact bytes of each layer's weight under each spec.
+def size_table(layers, specs, device="cpu") -> np.ndarray:
+    """(L, B) exact bytes of each layer's weight under each spec, stored as the kernel that packed
+    apply picks on ``device`` stores it (``kernels.registry.select_kernel``; e.g. the int4 CPU
+    kernel keeps a bf16 zero per group even for symmetric specs).
 
     Example: ``size_table(graph.layers, [QuantSpec(4, 128), QuantSpec(8)])``
     """
     specs = [s if isinstance(s, QuantSpec) else QuantSpec(s) for s in specs]
-    return np.array([[s.nbytes(l.out_features, l.in_features) for s in specs] for l in layers],
-                    dtype=np.float64)                                               # (L, B) bytes
+    return np.array([[s.nbytes(l.out_features, l.in_features, device, getattr(l, "kind", "linear"))
+                      for s in specs] for l in layers], dtype=np.float64)           # (L, B) bytes

@@ -2,19 +2,24 @@
 
 ``mode="fake"``   each planned weight is replaced by its dequantized value (same modules, same dtype);
                   what sensitivity and evaluation see.
-``mode="packed"`` each planned layer is swapped for a module holding packed codes + fp16 scales, so
-                  the model's parameters + buffers shrink to the bytes ``costmodels.size`` predicts.
+``mode="packed"`` each planned layer is swapped for a module holding packed codes + scales that runs
+                  a real low-bit kernel where one exists on the weight's device
+                  (``kernels.registry.select_kernel``: int8_wo, int4_wo, w8a8, lowbit_unpack,
+                  fp16), else the reference ``dequant`` path with a warning naming the layers and
+                  why. The model's parameters + buffers equal the bytes ``costmodels.size``
+                  predicts for that device. ``model.bitplan_plan`` records each layer's kernel.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 
 from ..errors import PlanMismatchError
 from ..graph import find_layers, fingerprint, layer_weight_2d
-from .formats import FP16_BITS
-from .packed import FP16Layer, PackedLayer
 from .quantizer import fake_quantize
+from .registry import get_kernel, select_kernel
 
 __all__ = ["apply_plan_", "check_plan", "MODES"]
 
@@ -54,12 +59,16 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def apply_plan_(model: nn.Module, plan, mode: str = "fake") -> nn.Module:
     """Quantize ``model`` in place as ``plan`` says; returns the model.
 
+    Packed mode runs real kernels: outputs match fake quantization within each kernel's SQNR floor
+    (bf16 activations for weight-only kernels), not bit for bit; ``lowbit_unpack``, ``dequant`` and
+    ``w8a8``'s integer accumulation are exact up to fp32 summation order.
+
     Example: ``bitplan.apply_plan_(model, bitplan.Plan.load("plan.json"), mode="packed")``
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not supported; allowed: {list(MODES)}")
     layers = check_plan(model, plan)
-    kernels = {}
+    chosen, fallbacks = {}, []
     for name, spec in plan.layers.items():
         mod = model.get_submodule(name)
         kind = layers[name].kind
@@ -71,12 +80,19 @@ def apply_plan_(model: nn.Module, plan, mode: str = "fake") -> nn.Module:
                     mod.weight.copy_(wq.t())
                 else:
                     mod.weight.copy_(wq.reshape(mod.weight.shape))
-            kernels[name] = "fake"
+            chosen[name] = "fake"
             continue
-        new = FP16Layer(mod, kind, w2d) if spec.bits == FP16_BITS else \
-            PackedLayer.from_module(mod, kind, w2d, spec)
+        n, k = w2d.shape
+        kname, why = select_kernel(spec, n, k, w2d.device, kind)
+        if why is not None:
+            fallbacks.append(f"{name} ({spec.label}, N={n}, K={k}): {why}")
+        with torch.no_grad():
+            new = get_kernel(kname).from_module(mod, kind, w2d, spec)
         new.train(mod.training)
         _set_module(model, name, new)
-        kernels[name] = new.kernel
-    model.bitplan_plan = plan.with_kernels(kernels)      # which kernel each layer actually runs
+        chosen[name] = new.kernel
+    if fallbacks:
+        warnings.warn(f"{len(fallbacks)} layer(s) run the reference 'dequant' path (no real kernel "
+                      "fits): " + "; ".join(fallbacks), RuntimeWarning, stacklevel=2)
+    model.bitplan_plan = plan.with_kernels(chosen)      # which kernel each layer actually runs
     return model

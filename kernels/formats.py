@@ -8,6 +8,11 @@ Generic packed format of a (N, K) weight at ``bits`` in 2..8:
     scales fp16  (N, G)                  G = ceil(K / group_size), or 1 per-channel
     zeros  fp16  (N, G)                  only when asymmetric
 ``bits=16`` keeps the weight as an fp16 tensor (N, K).
+
+Real kernels may store differently (the int4 CPU kernel keeps bf16 scale *and* zero per group even
+for symmetric specs). Which kernel a layer runs is a deterministic function of (spec, N, K, device,
+layer kind) (``kernels.registry.select_kernel``); ``QuantSpec.nbytes`` and
+``weight_nbytes(..., kernel=name)`` give that kernel's exact bytes.
 """
 from __future__ import annotations
 
@@ -67,9 +72,13 @@ class QuantSpec:
             s += f"a{self.act_bits}"
         return s
 
-    def nbytes(self, n: int, k: int) -> int:
-        """Exact bytes of an (n, k) weight stored under this spec."""
-        return weight_nbytes(n, k, self.bits, self.group_size, self.symmetric)
+    def nbytes(self, n: int, k: int, device="cpu", kind: str = "linear") -> int:
+        """Exact bytes of an (n, k) weight after packed apply on ``device`` (the kernel's storage).
+
+        Example: ``QuantSpec(4, 32).nbytes(1536, 384)`` == 368640 (int4 CPU kernel: bf16 scale+zero)
+        """
+        from .registry import kernel_nbytes
+        return kernel_nbytes(self, n, k, device, kind)
 
     def to_dict(self) -> dict:
         d = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
@@ -81,12 +90,17 @@ class QuantSpec:
 
 
 def weight_nbytes(n: int, k: int, bits: int, group_size: int | None = None,
-                  symmetric: bool = True) -> int:
+                  symmetric: bool = True, kernel: str | None = None) -> int:
     """Exact bytes of one (n, k) weight stored at ``bits`` (codes + fp16 scales/zeros).
+
+    ``kernel=None`` is the generic packed format above; a kernel name gives that kernel's storage.
 
     Example: ``weight_nbytes(1536, 384, 4, 128)`` == 1536*192 + 1536*3*2 == 304128
     """
     check_bits(bits)
+    if kernel is not None:
+        from .registry import get_kernel
+        return get_kernel(kernel).nbytes(QuantSpec(bits, group_size, symmetric), n, k)
     if bits == FP16_BITS:
         return n * k * 2
     per_group = _SCALE_BYTES * (1 if symmetric else 2)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import FP16_BITS, QuantSpec
+from .actquant import fake_quantize_act
+from .formats import FP16_BITS, QuantSpec, weight_nbytes
 from .quantizer import QTensor, dequantize, pack, quantize, unpack
 
 __all__ = ["PackedLayer", "FP16Layer", "dense_forward", "layer_geometry"]
@@ -41,13 +42,17 @@ def dense_forward(x: torch.Tensor, w2d: torch.Tensor, bias, geo: dict) -> torch.
 
 
 class PackedLayer(nn.Module):
-    """A quantized layer stored packed (codes uint8, scales/zeros fp16); forward = dequant + dense."""
+    """A quantized layer stored packed (codes uint8, scales/zeros fp16); forward = dequant + dense.
+
+    With ``act_bits=8`` the input is fake-quantized per token first (the reference for W8A8).
+    """
     kernel = "dequant"
 
-    def __init__(self, qt: QTensor, bias: torch.Tensor | None, geo: dict):
+    def __init__(self, qt: QTensor, bias: torch.Tensor | None, geo: dict, act_bits: int | None = None):
         super().__init__()
         self.bits, self.group_size, self.shape2d = qt.bits, qt.group_size, qt.shape
         self.geo = geo
+        self.act_bits = act_bits
         self.register_buffer("codes", pack(qt.codes, qt.bits))          # (N, ceil(K*b/8)) uint8
         self.register_buffer("scales", qt.scales)                       # (N, G) fp16
         self.register_buffer("zeros", qt.zeros)                         # (N, G) fp16 or None
@@ -57,7 +62,17 @@ class PackedLayer(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module, kind: str, w2d: torch.Tensor, spec: QuantSpec):
         qt = quantize(w2d, spec.bits, spec.group_size, spec.symmetric)
-        return cls(qt, getattr(module, "bias", None), layer_geometry(module, kind))
+        return cls(qt, getattr(module, "bias", None), layer_geometry(module, kind), spec.act_bits)
+
+    @classmethod
+    def supports(cls, spec: QuantSpec, n: int, k: int, device: str, kind: str) -> str | None:
+        """The reference path runs every integer spec, on every device and layer kind."""
+        return "needs bits in 2..8" if spec.bits == FP16_BITS else None
+
+    @classmethod
+    def nbytes(cls, spec: QuantSpec, n: int, k: int) -> int:
+        """Generic packed format: codes + fp16 scales (+ fp16 zeros when asymmetric)."""
+        return weight_nbytes(n, k, spec.bits, spec.group_size, spec.symmetric)
 
     def qtensor(self) -> QTensor:
         return QTensor(unpack(self.codes, self.bits, self.shape2d[1]), self.scales, self.zeros,
@@ -68,6 +83,7 @@ class PackedLayer(nn.Module):
         return dequantize(self.qtensor(), dtype)
 
     def forward(self, x):
+        x = fake_quantize_act(x, self.act_bits)
         return dense_forward(x, self.weight_2d(x.dtype), self.bias, self.geo)
 
     def extra_repr(self):
@@ -86,6 +102,18 @@ class FP16Layer(nn.Module):
         b = getattr(module, "bias", None)
         self.bias = nn.Parameter(b.detach().clone(), requires_grad=False) if b is not None else None
         self.bits = FP16_BITS
+
+    @classmethod
+    def from_module(cls, module: nn.Module, kind: str, w2d: torch.Tensor, spec: QuantSpec):
+        return cls(module, kind, w2d)
+
+    @classmethod
+    def supports(cls, spec: QuantSpec, n: int, k: int, device: str, kind: str) -> str | None:
+        return None if spec.bits == FP16_BITS else f"needs bits=16 (got {spec.bits})"
+
+    @classmethod
+    def nbytes(cls, spec: QuantSpec, n: int, k: int) -> int:
+        return n * k * 2                                   # fp16 weight
 
     def forward(self, x):
         return dense_forward(x, self.weight16.to(x.dtype), self.bias, self.geo)

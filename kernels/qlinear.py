@@ -1,0 +1,348 @@
+"""Packed Linear modules on PyTorch's real low-bit kernels (registered in ``KERNELS``).
+
+=============== ============================================ ============================================
+kernel          CPU op (verified on torch 2.13 CPU)          CUDA op (written to the documented layout)
+=============== ============================================ ============================================
+int8_wo         torch._weight_int8pack_mm (bf16 x)           torch._weight_int8pack_mm (bf16 x)
+int4_wo         torch._weight_int4pack_mm_for_cpu (bf16 x)   torch._weight_int4pack_mm (tinygemm, bf16 x)
+w8a8            onednn.qlinear_pointwise, uint8 x, prepacked torch._int_mm (int8 x int8 -> int32)
+lowbit_unpack   vectorised unpack -> dequant -> dense op     same
+dequant         reference: quantizer.unpack -> dequantize    same
+fp16            fp16 weight cast to the activation dtype     same
+=============== ============================================ ============================================
+
+Storage (parameters + buffers, bias excluded), ``nbytes`` of each class, checked against the real
+module in tests/kernels/test_qlinear.py:
+- int8_wo: int8 (N, K) = code − 128, fp16 scales (N, 1) [+ fp16 zeros (N, 1)] = the generic format.
+- int4_wo: kernel-packed int4 (N·K/2 bytes) + bf16 ``scales_and_zeros`` (K/G, N, 2). The kernel needs
+  zeros even for symmetric specs, so symmetric int4 costs 2 bytes more per group than the generic
+  format; asymmetric int4 costs the same. Scales and zeros are the shared quantizer's fp16 values
+  rounded to bf16 (relative error ≤ 2^-9), the codes are the quantizer's codes unchanged.
+- w8a8: int8 (N, K) (CPU: held only as oneDNN's prepacked copy; ``state_dict`` writes plain int8)
+  + fp16 scales (N, 1) = the generic 8-bit per-channel format.
+- lowbit_unpack / dequant: the generic packed format of ``formats.weight_nbytes``.
+
+Every module takes and returns the caller's dtype; the cast to bf16 (weight-only kernels) or the
+per-token int8 quantization (W8A8) happens inside ``forward`` and is part of what calibration times.
+Modules are built for the device of the weight they replace; moving them afterwards is unsupported.
+
+Example:
+    >>> lin = nn.Linear(384, 1536)
+    >>> m = get_kernel("int4_wo").from_module(lin, "linear", lin.weight, QuantSpec(4, 32))
+    >>> m(torch.randn(8, 384)).shape
+    torch.Size([8, 1536])
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .actquant import quantize_act
+from .formats import FP16_BITS, QuantSpec, weight_nbytes
+from .lowbit import unpack_fast
+from .packed import FP16Layer, PackedLayer, layer_geometry
+from .quantizer import n_groups, quantize
+from .registry import has_op, register
+
+__all__ = ["Int8WeightOnly", "Int4WeightOnly", "W8A8", "LowbitUnpack", "INT4_GROUPS"]
+
+INT4_GROUPS = (32, 64, 128, 256)          # group sizes the int4 kernels accept (CPU and CUDA)
+_LINEAR_KINDS = ("linear", "hf_conv1d")   # kernels below are matmuls; convs take the reference path
+
+register("dequant")(PackedLayer)
+register("fp16")(FP16Layer)
+
+
+def _bias(module: nn.Module):
+    b = getattr(module, "bias", None)
+    return nn.Parameter(b.detach().clone(), requires_grad=False) if b is not None else None
+
+
+def _finish(y: torch.Tensor, bias, x: torch.Tensor, n: int) -> torch.Tensor:
+    """(M, N) kernel output -> caller's dtype and leading dims, + bias."""
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _common_checks(spec: QuantSpec, kind: str, bits: int) -> str | None:
+    if kind not in _LINEAR_KINDS:
+        return f"runs linear layers only (layer kind {kind!r})"
+    if spec.bits != bits:
+        return f"needs bits={bits} (got {spec.bits})"
+    return None
+
+
+class _KernelLinear(nn.Module):
+    """Shared bits of the matmul kernels: geometry, bias, repr."""
+    kernel = "?"
+
+    def _setup(self, module: nn.Module, kind: str, w2d: torch.Tensor, spec: QuantSpec):
+        self.geo = layer_geometry(module, kind)
+        self.shape2d = tuple(w2d.shape)                        # (N, K)
+        self.bits, self.group_size, self.act_bits = spec.bits, spec.group_size, spec.act_bits
+        self.symmetric = spec.symmetric
+        self.impl = w2d.device.type                            # 'cpu' | 'cuda': which op forward calls
+        self.bias = _bias(module)
+
+    def extra_repr(self):
+        return (f"{self.geo['kind']}, shape={self.shape2d}, bits={self.bits}, group_size={self.group_size}, "
+                f"symmetric={self.symmetric}, act_bits={self.act_bits}, kernel={self.kernel}/{self.impl}")
+
+
+@register("int8_wo")
+class Int8WeightOnly(_KernelLinear):
+    """8-bit per-channel weights, bf16 activations: ``torch._weight_int8pack_mm``.
+    Asymmetric weights add the rank-1 zero term ``rowsum(x) ⊗ zero`` in fp32."""
+
+    @classmethod
+    def supports(cls, spec, n, k, device, kind):
+        why = _common_checks(spec, kind, 8)
+        if why:
+            return why
+        if spec.act_bits == 8:
+            return "activations must not be quantized (act_bits=8 is W8A8)"
+        if n_groups(k, spec.group_size) != 1:
+            return f"needs one scale per output channel (group_size={spec.group_size}, K={k})"
+        if not has_op("_weight_int8pack_mm", device):
+            return f"torch._weight_int8pack_mm has no {device} kernel in this torch build"
+        return None
+
+    @classmethod
+    def nbytes(cls, spec, n, k):
+        return n * k + n * 2 * (1 if spec.symmetric else 2)          # int8 + fp16 scale (+ zero)
+
+    @classmethod
+    def from_module(cls, module, kind, w2d, spec):
+        m = cls()
+        m._setup(module, kind, w2d, spec)
+        qt = quantize(w2d, 8, spec.group_size, spec.symmetric)
+        m.register_buffer("weight_int8", (qt.codes.to(torch.int16) - 128).to(torch.int8))  # (N, K)
+        m.register_buffer("scales", qt.scales.reshape(-1, 1).contiguous())                # (N, 1) fp16
+        m.register_buffer("zeros", None if qt.zeros is None else qt.zeros.reshape(-1, 1).contiguous())
+        return m
+
+    def forward(self, x):
+        n, k = self.shape2d
+        x2 = x.reshape(-1, k)                                                     # (M, K)
+        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8,
+                                      self.scales.reshape(-1).to(torch.bfloat16))  # (M, N) bf16
+        y = y.float()
+        if self.zeros is not None:
+            y = y + x2.float().sum(-1, keepdim=True) * self.zeros.reshape(1, -1).float()
+        return _finish(y, self.bias, x, n)
+
+
+def _inner_k_tiles(k: int) -> int | None:
+    """tinygemm (CUDA) wants K % (inner_k_tiles * 16) == 0 with inner_k_tiles in {2, 4, 8}."""
+    for t in (8, 4, 2):
+        if k % (t * 16) == 0:
+            return t
+    return None
+
+
+@register("int4_wo")
+class Int4WeightOnly(_KernelLinear):
+    """4-bit grouped weights, bf16 activations: the int4 CPU kernel / CUDA tinygemm.
+    Dequant of both kernels: ``w = (q − 8) · scale + zero`` = the shared quantizer's layout."""
+
+    @classmethod
+    def supports(cls, spec, n, k, device, kind):
+        why = _common_checks(spec, kind, 4)
+        if why:
+            return why
+        if spec.act_bits == 8:
+            return "no int4 x int8 kernel (act_bits=8)"
+        g = spec.group_size or k
+        if g not in INT4_GROUPS:
+            return f"needs group_size in {list(INT4_GROUPS)} (group {g})"
+        if k % g:
+            return f"needs K % group_size == 0 (K={k}, group_size={g})"
+        if device == "cpu":
+            if n % 16:
+                return f"needs N % 16 == 0 (N={n})"
+            if not has_op("_weight_int4pack_mm_for_cpu", "cpu"):
+                return "torch._weight_int4pack_mm_for_cpu is missing in this torch build"
+        else:
+            if n % 8:
+                return f"needs N % 8 == 0 (N={n})"
+            if _inner_k_tiles(k) is None:
+                return f"needs K % 32 == 0 (K={k})"
+            if not has_op("_weight_int4pack_mm", "cuda"):
+                return "torch._weight_int4pack_mm has no CUDA kernel in this torch build"
+        return None
+
+    @classmethod
+    def nbytes(cls, spec, n, k):
+        g = spec.group_size or k
+        return n * k // 2 + (k // g) * n * 2 * 2                   # int4 + bf16 (scale, zero) pairs
+
+    @classmethod
+    def from_module(cls, module, kind, w2d, spec):
+        m = cls()
+        m._setup(module, kind, w2d, spec)
+        n, k = m.shape2d
+        m.group = spec.group_size or k
+        qt = quantize(w2d, 4, m.group, spec.symmetric)
+        zeros = qt.zeros if qt.zeros is not None else torch.zeros_like(qt.scales)
+        sz = torch.stack([qt.scales, zeros], -1).transpose(0, 1)   # (G, N, 2)
+        m.register_buffer("scales_and_zeros", sz.to(torch.bfloat16).contiguous())
+        if m.impl == "cpu":
+            wp = torch._convert_weight_to_int4pack_for_cpu(qt.codes.to(torch.int32), 1)   # (N, K/2) u8
+        else:
+            c = qt.codes.to(torch.uint8)
+            u8 = ((c[:, ::2] << 4) | c[:, 1::2]).contiguous()       # even column in the high nibble
+            wp = torch._convert_weight_to_int4pack(u8, _inner_k_tiles(k))   # int32, N*K/2 bytes
+        m.register_buffer("weight_int4", wp)
+        return m
+
+    def forward(self, x):
+        n, k = self.shape2d
+        xb = x.reshape(-1, k).to(torch.bfloat16)                                  # (M, K)
+        if self.impl == "cpu":
+            y = torch._weight_int4pack_mm_for_cpu(xb, self.weight_int4, self.group, self.scales_and_zeros)
+        else:
+            y = torch._weight_int4pack_mm(xb, self.weight_int4, self.group, self.scales_and_zeros)
+        return _finish(y, self.bias, x, n)
+
+
+@register("w8a8")
+class W8A8(_KernelLinear):
+    """int8 per-channel symmetric weights x int8 per-token dynamic activations.
+
+    CPU: oneDNN ``qlinear_pointwise`` on a prepacked weight; activations go in as uint8 (code + 128,
+    zero point 128 — int8 activations fall to a ~1000x slower reference path), with activation
+    scale 1 so the kernel returns Σ q_x·q_w·s_w exactly; the per-token scale multiplies afterwards.
+    CUDA: ``torch._int_mm`` (needs M > 16: small batches are zero-padded to 17 rows).
+    """
+
+    @classmethod
+    def supports(cls, spec, n, k, device, kind):
+        why = _common_checks(spec, kind, 8)
+        if why:
+            return why
+        if spec.act_bits != 8:
+            return "needs act_bits=8"
+        if not spec.symmetric:
+            return "needs symmetric weights"
+        if n_groups(k, spec.group_size) != 1:
+            return f"needs one scale per output channel (group_size={spec.group_size}, K={k})"
+        if device == "cpu":
+            if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn")
+                    and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+                return "oneDNN qlinear is missing in this torch build"
+        else:
+            if k % 8 or n % 8:
+                return f"torch._int_mm needs K % 8 == 0 and N % 8 == 0 (N={n}, K={k})"
+            if not has_op("_int_mm", "cuda"):
+                return "torch._int_mm has no CUDA kernel in this torch build"
+        return None
+
+    @classmethod
+    def nbytes(cls, spec, n, k):
+        return n * k + n * 2                                         # int8 + fp16 scale
+
+    @classmethod
+    def from_module(cls, module, kind, w2d, spec):
+        m = cls()
+        m._setup(module, kind, w2d, spec)
+        qt = quantize(w2d, 8, spec.group_size, True)
+        w8 = (qt.codes.to(torch.int16) - 128).to(torch.int8).contiguous()                  # (N, K)
+        m.register_buffer("scales", qt.scales.reshape(-1, 1).contiguous())                # (N, 1) fp16
+        m._set_weight(w8)
+        return m
+
+    def _set_weight(self, w8: torch.Tensor) -> None:
+        if self.impl == "cpu":   # the prepacked copy is the only copy; not a tensor with storage
+            self.register_buffer("weight_packed", torch.ops.onednn.qlinear_prepack(w8, None),
+                                 persistent=False)
+        else:
+            self.register_buffer("weight_int8", w8)
+
+    def int8_weight(self) -> torch.Tensor:
+        """The (N, K) int8 weight as a plain tensor."""
+        if self.impl == "cpu":
+            return self.weight_packed.to_dense().t().contiguous()
+        return self.weight_int8
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.impl == "cpu":
+            destination[prefix + "weight_int8"] = self.int8_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "weight_int8"
+        if self.impl == "cpu" and key in state_dict:
+            self._set_weight(state_dict[key].to(torch.int8).contiguous())
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def __deepcopy__(self, memo):
+        """oneDNN's opaque prepacked tensor cannot be deep-copied: copy via plain int8."""
+        if self.impl != "cpu":
+            new = self.__class__.__new__(self.__class__)
+            memo[id(self)] = new
+            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+            return new
+        w8 = self.int8_weight()
+        packed = self._buffers.pop("weight_packed")
+        try:
+            new = self.__class__.__new__(self.__class__)
+            memo[id(self)] = new
+            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        finally:
+            self._buffers["weight_packed"] = packed
+        new._set_weight(w8)
+        return new
+
+    def forward(self, x):
+        n, k = self.shape2d
+        x2 = x.reshape(-1, k)                                                     # (M, K)
+        xq, sx = quantize_act(x2, 8)                                              # int8 (M, K), (M, 1)
+        sw = self.scales.reshape(-1).float()                                      # (N,)
+        if self.impl == "cpu":
+            xu = (xq.to(torch.int16) + 128).to(torch.uint8)
+            y = torch.ops.onednn.qlinear_pointwise(
+                xu, 1.0, 128, self.weight_packed, sw, torch.zeros(1, dtype=torch.int64), None,
+                1.0, 0, torch.float32, "none", [], "")                            # (M, N) fp32
+        else:
+            m = xq.shape[0]
+            if m <= 16:
+                xq = torch.cat([xq, xq.new_zeros(17 - m, k)])
+            y = torch._int_mm(xq, self.weight_int8.t())[:m].float() * sw
+        return _finish(y * sx, self.bias, x, n)
+
+
+@register("lowbit_unpack")
+class LowbitUnpack(PackedLayer):
+    """Any bits 2..8 in the generic packed format; forward = vectorised unpack + dequant + dense op.
+    PyTorch has no 2/3-bit kernels: this is what really runs, and what calibration times."""
+
+    @classmethod
+    def supports(cls, spec, n, k, device, kind):
+        return "needs bits in 2..8" if spec.bits == FP16_BITS else None
+
+    @classmethod
+    def nbytes(cls, spec, n, k):
+        return weight_nbytes(n, k, spec.bits, spec.group_size, spec.symmetric)
+
+    def weight_2d(self, dtype=None):
+        n, k = self.shape2d
+        dtype = dtype or self.dtype
+        c = unpack_fast(self.codes, self.bits, k).to(dtype) - 2 ** (self.bits - 1)     # (N, K)
+        g = self.group_size
+        if g is None or g >= k:
+            w = c * self.scales.to(dtype)
+            return w + self.zeros.to(dtype) if self.zeros is not None else w
+        if k % g:                                                 # partial last group: reference
+            return super().weight_2d(dtype)
+        w = c.reshape(n, k // g, g) * self.scales.to(dtype).unsqueeze(-1)
+        if self.zeros is not None:
+            w = w + self.zeros.to(dtype).unsqueeze(-1)
+        return w.reshape(n, k)
+
