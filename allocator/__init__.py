@@ -6,6 +6,6 @@ Example:
 """
 from .problem import Problem, Solution
 from .registry import SOLVERS, available, register, solve
-from . import bruteforce, ilp, lagrange  # noqa: F401  (fill the registry)
+from . import bruteforce, dp, highs, ilp, lagrange  # noqa: F401  (fill the registry)
 
 __all__ = ["Problem", "Solution", "solve", "register", "available", "SOLVERS"]

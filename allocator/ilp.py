@@ -1,13 +1,15 @@
 """Exact multiple-choice knapsack as a 0/1 ILP with PuLP + CBC.
 
-Model (PuLP example order: data -> variables -> objective -> named constraints -> solve -> read back):
-    x[l,b] ∈ {0,1} for allowed (l, b);  min Σ loss'[l,b] x[l,b]
-    one_option_{l}:  Σ_b x[l,b] = 1
-    budget_{k}:      Σ cost_k[l,b] x[l,b] <= budget_k
-    tie_{g}_{l}_{b}: x[l,b] = x[g0,b]           (ties as equality constraints)
+Model (PuLP example order: data -> variables -> objective -> named constraints -> solve -> read back),
+on the tie-contracted problem (``Problem.reduced()``: a tie group is one row; fixed and ragged
+options are simply missing columns):
+    x[r,b] ∈ {0,1} for allowed (r, b);  min Σ loss'[r,b] x[r,b]
+    one_option_{r}:  Σ_b x[r,b] = 1
+    budget_{k}:      Σ cost'_k[r,b] x[r,b] <= cap'_k
 
-The loss is shifted per row (a constant) and scaled so the spread of the objective is ~1e6: with
-tiny raw losses CBC's absolute tolerances return "optimal" plans that are not (../shared/SOLVERS.md).
+Tables are normalised (``common.Tables``): the loss is shifted per row and scaled so the objective
+spans [0, 1e6] — with tiny raw losses CBC's absolute tolerances return "optimal" plans that are not
+(../shared/SOLVERS.md) — and each budget row is shifted/scaled so its free part is 1.
 The status is read from CBC's own log — PuLP maps a time-limit stop to "Optimal" — and the objective
 is recomputed from the tables; ``bound`` is CBC's proven lower bound, mapped back to loss units.
 """
@@ -23,6 +25,9 @@ import numpy as np
 
 from bitplan.errors import InfeasibleBudgetError
 
+from .common import Tables, finish
+from .greedy import feasible, improve, repair
+from .lagrange import lagrangian
 from .problem import Problem, Solution
 from .registry import register
 
@@ -53,43 +58,58 @@ def _parse_cbc_log(text: str) -> tuple[str, float | None]:
 
 @register("ilp")
 def solve(problem: Problem, time_limit: float | None = 120.0, threads: int | None = None,
-          msg: bool = False) -> Solution:
-    """Solve exactly with CBC; status "optimal" only when CBC's log proves it.
+          msg: bool = False, start=None, warm_start: bool = True, **_) -> Solution:
+    """Solve exactly with CBC; status "optimal" only when CBC's log (or the Lagrangian bound) proves it.
 
+    ``start`` (L,) is a feasible plan handed to CBC as a warm start (``-mips``); by default the
+    Lagrangian plan is used, and its dual bound backs up CBC's (``warm_start=False``: neither).
     Example: ``solve(Problem(loss, {"size": size}, {"size": 4e6}), method="ilp", time_limit=30)``
     """
     import pulp
 
     t0 = time.perf_counter()
-    L, B = problem.shape
-    scaled, offset, factor = scale_loss(problem)
+    red, row_of = problem.reduced()                      # ties: one row per group
+    t = Tables.of(red)                                   # objective spread 1e6, budgets' free part 1
+    B, R = t.loss.shape
+    cells = np.flatnonzero(t.allowed.T.ravel())          # (n,) allowed (r, b), r-major
+    r_of, b_of = cells // B, cells % B
+    row_start = np.searchsorted(r_of, np.arange(R + 1))  # (R+1,) first column of each row
     # variables
     prob = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
-    cells = [(l, b) for l in range(L) for b in range(B) if problem.allowed[l, b]]
-    x = {(l, b): pulp.LpVariable(f"x_{l}_{b}", cat=pulp.LpBinary) for l, b in cells}
-    by_row: dict[int, list[int]] = {}
-    for l, b in cells:
-        by_row.setdefault(l, []).append(b)
+    x = [pulp.LpVariable(f"x_{r}_{b}", cat=pulp.LpBinary) for r, b in zip(r_of.tolist(), b_of.tolist())]
     # objective
-    prob += pulp.LpAffineExpression([(x[l, b], float(scaled[l, b])) for l, b in cells]), "loss"
-    # named constraints
-    for l, bs in by_row.items():
-        prob += pulp.lpSum(x[l, b] for b in bs) == 1, f"one_option_{l}"
-    for k, cap in problem.budgets.items():
-        c = problem.costs[k]
-        prob += pulp.LpAffineExpression([(x[l, b], float(c[l, b])) for l, b in cells]) <= cap, \
-            f"budget_{k}"
-    for gi, g in enumerate(problem.tie_groups()):
-        for l in g[1:]:
-            for b in by_row[g[0]]:
-                prob += (x[l, b] if (l, b) in x else 0) == x[g[0], b], f"tie_{gi}_{l}_{b}"
+    prob += pulp.LpAffineExpression(zip(x, (t.loss[b_of, r_of] * OBJ_SPREAD).tolist())), "loss"
+    # named constraints (expressions built from zip(vars, coefs): no per-term lpSum overhead)
+    lo, hi = row_start[:-1].tolist(), row_start[1:].tolist()
+    for r in range(R):
+        prob += pulp.LpConstraint(pulp.LpAffineExpression((v, 1.0) for v in x[lo[r]:hi[r]]),
+                                  pulp.LpConstraintEQ, f"one_option_{r}", 1.0)
+    for k, name in enumerate(t.names):
+        coef = t.cost[k, b_of, r_of]
+        nz = np.flatnonzero(coef).tolist()
+        expr = pulp.LpAffineExpression((x[j], c) for j, c in zip(nz, coef[nz].tolist()))
+        prob += pulp.LpConstraint(expr, pulp.LpConstraintLE, f"budget_{name}", float(t.cap[k]))
+    x0, lag_bound = None, -math.inf
+    if start is not None:
+        s0 = np.asarray(start, dtype=np.int64)
+        if problem.violations(s0):
+            raise ValueError(f"start plan is not feasible: {problem.violations(s0)[:3]}")
+        x0 = np.zeros(R, dtype=np.int64)
+        x0[row_of] = s0
+    elif warm_start:
+        lr = lagrangian(t, time_limit=None if time_limit is None else 0.25 * time_limit)
+        x0, lag_bound = lr.choice, lr.bound
+    if x0 is not None:
+        for j, (r, b) in enumerate(zip(r_of.tolist(), b_of.tolist())):
+            x[j].setInitialValue(1 if x0[r] == b else 0)
     build_s = time.perf_counter() - t0
     # solve
     fd, log_path = tempfile.mkstemp(suffix=".log", prefix="bitplan_cbc_")
     os.close(fd)
     try:
         solver = pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit, threads=threads, logPath=log_path,
-                                   gapRel=0.0, gapAbs=0.0)
+                                   gapRel=0.0, gapAbs=1e-6, warmStart=x0 is not None,
+                                   options=["primalTolerance 1e-9", "integerTolerance 1e-9"])
         prob.solve(solver)
         with open(log_path) as f:
             log = f.read()
@@ -101,18 +121,22 @@ def solve(problem: Problem, time_limit: float | None = 120.0, threads: int | Non
             "no plan meets all budgets together (CBC proved infeasibility); each budget's smallest "
             f"feasible value on its own: {problem.smallest_feasible()}", problem.smallest_feasible())
     # read back
-    choice = np.full(L, -1, dtype=np.int64)
-    for (l, b), v in x.items():
-        if v.varValue is not None and v.varValue > 0.5:
-            choice[l] = b
-    if (choice < 0).any():
-        raise RuntimeError(f"CBC returned no complete plan (status {pulp.LpStatus[prob.status]}, "
-                           f"log status {cbc_status})")
-    obj, totals = problem.evaluate(choice)
-    if cbc_status == "optimal":
-        bound, status = obj, "optimal"
+    val = np.array([v.varValue if v.varValue is not None else -1.0 for v in x])
+    if (val < 0).all():
+        raise RuntimeError(f"CBC returned no plan (status {pulp.LpStatus[prob.status]}, "
+                           f"log status {cbc_status}); use method='lagrange' or a longer time_limit")
+    dense = np.full(R * B, -1.0)
+    dense[cells] = val
+    choice = dense.reshape(R, B).argmax(1)                           # (R,)
+    info = {"build_s": build_s, "solve_s": time.perf_counter() - t0 - build_s,
+            "cbc_status": cbc_status, "columns": len(cells)}
+    if not feasible(t, choice):                                      # tolerance slip: repair it
+        choice, info["repaired"] = improve(t, repair(t, choice)), True
+    if x0 is not None and t.objective(x0) < t.objective(choice):
+        choice = x0
+    if cbc_status == "optimal" and not info.get("repaired"):
+        bound = t.objective(choice)                                  # CBC proved it (gap <= 1e-6/1e6)
     else:
-        bound = cbc_bound / factor + offset if cbc_bound is not None else -math.inf
-        status = "optimal" if bound >= obj - 1e-9 * max(1.0, abs(obj)) else "feasible"
-    return Solution(choice, obj, bound, status, "ilp", time.perf_counter() - t0, totals,
-                    {"build_s": build_s, "cbc_status": cbc_status, "scale": factor})
+        bound = cbc_bound / OBJ_SPREAD if cbc_bound is not None else -math.inf
+    bound = max(bound, lag_bound)
+    return finish(problem, row_of, choice, t.to_loss(bound), "ilp", t0, info, t.spread)
