@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from bitplan.batches import first_tensor, run_model
 
-__all__ = ["resolve_loss", "LOSS_NAMES"]
+__all__ = ["resolve_loss", "LOSS_NAMES", "LabelFreeLoss", "kl_to_reference"]
 
 LOSS_NAMES = ("kl", "mse")
 
@@ -61,15 +61,51 @@ def resolve_loss(loss_fn, model: torch.nn.Module, batches: list):
             refs[id(b)] = t.detach()
             kinds.add(kind)
     kind = kinds.pop()
+    return LabelFreeLoss(kind, refs), f"label-free {kind} to the fp model's output"
 
-    def label_free(m, b):
-        out = run_model(m, b)
-        lg = _logits(out)
-        t = lg if lg is not None else first_tensor(out)
-        ref = refs.get(id(b))
+
+class LabelFreeLoss:
+    """``loss(model, batch)``: KL or MSE of the model's output to the fp output on that batch.
+
+    Also exposes what the curvature-based estimators need: ``output(model, batch)`` (the compared
+    tensor), ``reference(batch)`` and ``hessian_sqrt(batch, u)``. At the fp weights the residual is
+    zero, so the loss Hessian w.r.t. the output, ``H_out``, is all the curvature there is (the weight
+    Hessian is exactly the Gauss-Newton matrix ``Jᵀ H_out J``). ``hessian_sqrt`` returns ``S u`` with
+    ``S Sᵀ = H_out``:
+    - mse: ``H_out = 2/N · I`` -> ``S u = sqrt(2/N) u`` (N = elements of the output);
+    - kl:  per position ``H_out = (diag(p) − p pᵀ)/n`` -> ``S u = (√p ⊙ u − p (√p · u)) / √n``.
+    """
+    __name__ = "label_free"
+
+    def __init__(self, kind: str, refs: dict):
+        self.kind, self.refs = kind, refs
+
+    def reference(self, b) -> torch.Tensor:
+        ref = self.refs.get(id(b))
         if ref is None:           # references exist only for the calibration batches
             raise KeyError("label-free loss called on a batch that is not in the calibration set")
-        if kind == "kl":
+        return ref
+
+    @staticmethod
+    def output(m, b) -> torch.Tensor:
+        out = run_model(m, b)
+        lg = _logits(out)
+        return lg if lg is not None else first_tensor(out)
+
+    def compare(self, t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        if self.kind == "kl":
             return kl_to_reference(t, ref)
         return F.mse_loss(t.float(), ref.float())
-    return label_free, f"label-free {kind} to the fp model's output"
+
+    def __call__(self, m, b) -> torch.Tensor:
+        return self.compare(self.output(m, b), self.reference(b))
+
+    def hessian_sqrt(self, b, u: torch.Tensor) -> torch.Tensor:
+        """``S u`` for probes ``u`` (..., *output shape); leading dims are independent probes."""
+        ref = self.reference(b).float()
+        if self.kind == "kl":
+            n = max(1, ref.numel() // ref.shape[-1])
+            p = torch.softmax(ref, -1)
+            sp = p.sqrt()
+            return (sp * u - p * (sp * u).sum(-1, keepdim=True)) / n ** 0.5
+        return u * (2.0 / ref.numel()) ** 0.5
