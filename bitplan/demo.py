@@ -49,7 +49,7 @@ def run_demo(max_probes: int = 32, out: str | None = None) -> str:
     budget_mb = (u4.predicted["size_bytes"] + u8.predicted["size_bytes"]) / 2 / MB
     t0 = time.perf_counter()
     plan = allocate(model, budget_mb=budget_mb, calib_data=spec.calib_data,
-                    sensitivity_opts={"max_probes": max_probes})
+                    sensitivity_opts={"max_probes": max_probes, **({"min_probes": max_probes} if max_probes < 8 else {})})
     seconds = time.perf_counter() - t0
     if out:
         plan.save(out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +110,8 @@ def load_model(spec: str, n_calib: int = 64, batch_size: int = 16) -> ModelSpec:
         return _load_hf(spec, spec, n_calib, batch_size)
     if ":" in spec:
         mod_name, _, fn_name = spec.partition(":")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())      # console scripts do not put the cwd on sys.path
         try:
             fn = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as e:

@@ -1,0 +1,122 @@
+"""Headless plots (matplotlib, Agg backend): Pareto frontier, per-layer bits along depth, sensitivity
+heat map. Each function writes one PNG and returns its path; matplotlib is imported only here.
+
+Example:
+    >>> plot_frontier(sweep(model, batches), "frontier.png")
+    >>> plot_bits(Plan.load("plan.json"), "bits.png"); plot_sensitivity(load("sens.json"), "sens.png")
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+__all__ = ["plot_frontier", "plot_bits", "plot_sensitivity"]
+
+_BIT_COLORS = {2: "#d62728", 3: "#ff7f0e", 4: "#2ca02c", 5: "#17becf", 6: "#1f77b4", 7: "#9467bd",
+               8: "#7f7f7f", 16: "#000000"}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=True)          # headless: never needs a display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path) -> str:
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def _ticks(ax, names, axis="x", max_labels=40):
+    step = max(1, int(np.ceil(len(names) / max_labels)))
+    idx = list(range(0, len(names), step))
+    short = [n if len(n) <= 36 else "…" + n[-35:] for n in names]
+    if axis == "x":
+        ax.set_xticks(idx)
+        ax.set_xticklabels([short[i] for i in idx], rotation=90, fontsize=7)
+    else:
+        ax.set_yticks(idx)
+        ax.set_yticklabels([short[i] for i in idx], fontsize=7)
+
+
+def plot_frontier(front: dict, path, title: str | None = None) -> str:
+    """Size (MB) vs loss: left panel predicted loss increase, right panel measured loss.
+
+    ``front`` is what :func:`bitplan.sweep.sweep` returns (or its JSON). bitplan plans are a line,
+    uniform-bit baselines are labelled markers; the log y axis shows orders of magnitude.
+    """
+    plt = _plt()
+    pts = sorted(front["points"], key=lambda p: p["size_mb"])
+    uni = front.get("uniform", [])
+    has_measured = any(p.get("measured_loss") is not None for p in pts)
+    fig, axes = plt.subplots(1, 2 if has_measured else 1, figsize=(11 if has_measured else 6, 4.2),
+                             squeeze=False)
+    panels = [("predicted_loss", "predicted loss increase (Σ sensitivity)")]
+    if has_measured:
+        panels.append(("measured_loss", f"measured loss ({front.get('measured_on') or 'calibration'})"))
+    for ax, (key, label) in zip(axes[0], panels):
+        xs = [p["size_mb"] for p in pts if p.get(key) is not None]
+        ys = [p[key] for p in pts if p.get(key) is not None]
+        ax.plot(xs, np.maximum(ys, 1e-12), "o-", color="#1f77b4", label="bitplan (mixed precision)")
+        for u in uni:
+            if u.get(key) is None:
+                continue
+            ax.plot(u["size_mb"], max(u[key], 1e-12), "s", color=_BIT_COLORS.get(u["bits"], "k"),
+                    label=f"uniform {u['bits']}-bit")
+        if key == "measured_loss" and front.get("base_loss") is not None:
+            ax.axhline(max(front["base_loss"], 1e-12), color="k", ls=":", lw=1, label="unquantized")
+        ax.set_yscale("log")
+        ax.set_xlabel("model size after packing (MB = 10⁶ bytes)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or f"Pareto frontier ({front.get('estimator', '?')} sensitivity; "
+                 f"metric: {front.get('metric') or 'predicted only'})", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_bits(plan, path, title: str | None = None) -> str:
+    """Bar chart of each layer's weight bits in network order (x = depth), coloured by bit-width."""
+    plt = _plt()
+    names = list(plan.layers)
+    bits = [plan.layers[n].bits for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, min(24, 0.22 * len(names) + 3)), 4))
+    ax.bar(range(len(names)), bits, color=[_BIT_COLORS.get(b, "#333333") for b in bits], width=0.85)
+    for b in sorted(set(bits)):
+        ax.bar([0], [0], color=_BIT_COLORS.get(b, "#333333"), label=f"{b} bits ({bits.count(b)} layers)")
+    _ticks(ax, names, "x")
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_ylabel("weight bits")
+    ax.set_yticks(sorted(set(bits) | {0}))
+    ax.set_xlabel("layer (network order)")
+    size = plan.predicted.get("size_bytes")
+    ax.set_title(title or f"bits per layer — {len(names)} layers"
+                 + (f", predicted size {size / 1e6:.3f} MB" if size is not None else ""), fontsize=10)
+    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_sensitivity(table, path, title: str | None = None) -> str:
+    """Heat map of log10(predicted loss increase): rows = layers (network order), columns = bits."""
+    plt = _plt()
+    loss = np.asarray(table.loss, dtype=float)                       # (L, B)
+    pos = loss[loss > 0]
+    floor = pos.min() if pos.size else 1e-12
+    z = np.log10(np.maximum(loss, floor))                            # (L, B)
+    fig, ax = plt.subplots(figsize=(2.2 + 0.9 * len(table.bits), max(3, min(30, 0.18 * len(table.names) + 1.5))))
+    im = ax.imshow(z, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(table.bits)))
+    ax.set_xticklabels([f"{b}" for b in table.bits])
+    ax.set_xlabel("weight bits")
+    _ticks(ax, list(table.names), "y", max_labels=60)
+    ax.set_ylabel("layer (network order)")
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label("log10 predicted loss increase")
+    ax.set_title(title or f"sensitivity ({table.method}), {len(table.names)} layers", fontsize=10)
+    return _save(fig, path)
