@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .problem import Problem, Solution
+from .problem import FEAS_RTOL, Problem, Solution
 
 __all__ = ["OPT_RTOL", "Tables", "argmin0", "proven", "finish", "remaining"]
 
@@ -41,6 +41,7 @@ class Tables:
     cost_offset: np.ndarray   # (K,) Σ_rows min cost_k (cost units)
     cost_scale: np.ndarray    # (K,) cost units per normalised unit
     names: list[str]          # (K,) budget names
+    tol: np.ndarray           # (K,) Problem.violations' slack (FEAS_RTOL·max(|budget|, 1)), normalised
 
     @classmethod
     def of(cls, red: Problem) -> "Tables":
@@ -56,7 +57,7 @@ class Tables:
         K, (R, B) = len(names), red.shape
         cost = np.empty((K, B, R))
         cap = np.empty(K)
-        offs, scales = np.empty(K), np.empty(K)
+        offs, scales, tol = np.empty(K), np.empty(K), np.empty(K)
         for k, name in enumerate(names):
             c = np.where(allowed, red.costs[name].T, np.inf)              # (B, R)
             c -= c.min(0)
@@ -68,7 +69,8 @@ class Tables:
             cost[k] = c / scale
             cap[k] = free / scale
             offs[k], scales[k] = off, scale
-        return cls(loss, cost, cap, allowed, float(row_min.sum()), spread, offs, scales, names)
+            tol[k] = FEAS_RTOL * max(abs(red.budgets[name]), 1.0) / scale
+        return cls(loss, cost, cap, allowed, float(row_min.sum()), spread, offs, scales, names, tol)
 
     @property
     def R(self) -> int:
@@ -83,6 +85,11 @@ class Tables:
     def totals(self, choice: np.ndarray) -> np.ndarray:
         """(K,) normalised cost totals of a reduced choice (R,)."""
         return self.take(self.cost, choice).sum(-1)
+
+    def accepts(self, choice: np.ndarray) -> bool:
+        """Feasible by ``Problem.violations``' rule (relative slack FEAS_RTOL): how MILP plans,
+        found with solver tolerances of 1e-9 normalised (<= ``tol``), are judged."""
+        return bool(np.all(self.totals(choice) <= self.cap + self.tol))
 
     def objective(self, choice: np.ndarray) -> float:
         """Normalised objective of a reduced choice (R,)."""

@@ -26,7 +26,7 @@ import numpy as np
 from bitplan.errors import InfeasibleBudgetError
 
 from .common import Tables, finish
-from .greedy import feasible, improve, repair
+from .greedy import improve, repair
 from .lagrange import lagrangian
 from .problem import Problem, Solution
 from .registry import register
@@ -130,7 +130,7 @@ def solve(problem: Problem, time_limit: float | None = 120.0, threads: int | Non
     choice = dense.reshape(R, B).argmax(1)                           # (R,)
     info = {"build_s": build_s, "solve_s": time.perf_counter() - t0 - build_s,
             "cbc_status": cbc_status, "columns": len(cells)}
-    if not feasible(t, choice):                                      # tolerance slip: repair it
+    if not t.accepts(choice):                                      # tolerance slip: repair it
         choice, info["repaired"] = improve(t, repair(t, choice)), True
     if x0 is not None and t.objective(x0) < t.objective(choice):
         choice = x0

@@ -199,12 +199,16 @@ def solve(problem: Problem, time_limit: float | None = None, max_iter: int = 200
           gap_tol: float = OPT_RTOL, lam0=None, **_) -> Solution:
     """Lagrangian dual bound + repaired/improved primal plan; status "optimal" only if the gap closes.
 
+    ``lam0`` (K,) warm-starts the multipliers, in loss units per cost unit (``info["lambda"]`` of a
+    previous solve, e.g. the neighbouring point of a budget sweep).
+
     Example: ``solve(Problem(loss, {"size": s, "lat": t}, {"size": 4e6, "lat": 2.0}), method="lagrange")``
     """
     t0 = time.perf_counter()
     red, row_of = problem.reduced()
     t = Tables.of(red)
-    r = lagrangian(t, time_limit, max_iter, gap_tol, lam0)
+    lam_n = None if lam0 is None else np.asarray(lam0, float) * t.cost_scale / t.spread
+    r = lagrangian(t, time_limit, max_iter, gap_tol, lam_n)
     build_s = time.perf_counter() - t0 - r.seconds
     info = {"iterations": r.evals, "lambda": (r.lam / t.cost_scale * t.spread).tolist(),  # loss/cost
             "lambda_normalised": r.lam.tolist(), "solve_s": r.seconds, "build_s": build_s}

@@ -25,9 +25,11 @@ def available() -> list[str]:
     return sorted(SOLVERS)
 
 
-def solve(problem: Problem, method: str = "ilp", **opts) -> Solution:
+def solve(problem: Problem, method: str = "auto", **opts) -> Solution:
     """Solve ``problem`` with a registered solver; the returned plan is re-checked here.
 
+    ``method="auto"`` (default) runs the Lagrangian and, when the problem is small enough, HiGHS
+    (see ``auto.py``); ``Solution.method`` names the solver whose plan came back.
     Example: ``s = solve(Problem(loss, {"size": size}, {"size": 1e6}), method="ilp")``
     """
     if not isinstance(problem, Problem):
