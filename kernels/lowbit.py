@@ -34,9 +34,11 @@ def unpack_fast(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     words = -(-nbytes // bits)                          # groups of `bits` bytes = 8 codes each
     pad = words * bits - nbytes
     p = packed if not pad else torch.cat([packed, packed.new_zeros(n, pad)], dim=1)
-    p = p.reshape(n, words, bits).to(torch.int64)
-    byte_shift = torch.arange(0, 8 * bits, 8, dtype=torch.int64, device=packed.device)
-    word = (p << byte_shift).sum(-1, keepdim=True)                     # (N, words, 1) int64
-    code_shift = torch.arange(0, 8 * bits, bits, dtype=torch.int64, device=packed.device)
-    codes = (word >> code_shift) & mask                                # (N, words, 8)
+    wdt = torch.int32 if 8 * bits <= 31 else torch.int64               # 3 bits: 24-bit words
+    p = p.reshape(n, words, bits).to(wdt)
+    word = p[..., 0]
+    for i in range(1, bits):
+        word = word | (p[..., i] << (8 * i))                           # (N, words)
+    code_shift = torch.arange(0, 8 * bits, bits, dtype=wdt, device=packed.device)
+    codes = (word.unsqueeze(-1) >> code_shift) & mask                  # (N, words, 8)
     return codes.reshape(n, -1)[:, :k].to(torch.uint8)
