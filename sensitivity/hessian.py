@@ -54,6 +54,16 @@ def _rademacher(shape, gen) -> torch.Tensor:
     return torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
 
 
+def _probe_gens(seed: int, start: int, k: int) -> list[torch.Generator]:
+    """One generator per probe index, so results do not depend on how probes are batched."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + j) for j in range(start, start + k)]
+
+
+def _stacked(shape, gens) -> torch.Tensor:
+    """(k, *shape) Rademacher probes, row j drawn from ``gens[j]``."""
+    return torch.stack([_rademacher(tuple(shape), g) for g in gens])
+
+
 def _grad(outputs, inputs, grad_outputs, k: int, **kw):
     """autograd.grad for k stacked probes: one batched backward, or a loop where vmap cannot go."""
     if k > 1:
@@ -72,11 +82,12 @@ def _check(t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} is not finite (NaN/inf gradients); check the model and calibration data")
 
 
-def _probe_chunk_weight(ctx, params, k, gen, nb):
+def _probe_chunk_weight(ctx, params, gens, nb):
     """(k, L) per-probe layer estimates v_l·(H v)_l from one batched HVP per batch."""
+    k = len(gens)
     est = np.zeros((k, len(params)))
     seen = np.zeros(len(params), dtype=bool)
-    vs = [_rademacher((k,) + tuple(p.shape), gen) for p in params]
+    vs = [_stacked(p.shape, gens) for p in params]
     for bi, batch in enumerate(ctx.batches):
         loss = checked_loss(ctx, batch, bi)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
@@ -96,15 +107,16 @@ def _probe_chunk_weight(ctx, params, k, gen, nb):
     return est, seen
 
 
-def _probe_chunk_output(ctx, params, k, gen, nb):
+def _probe_chunk_output(ctx, params, gens, nb):
     """(k, L) per-probe estimates ‖(Jᵀ S u)_l‖² from one batched backward per batch."""
+    k = len(gens)
     est = np.zeros((k, len(params)))
     seen = np.zeros(len(params), dtype=bool)
     for bi, batch in enumerate(ctx.batches):
         checked_loss(ctx, batch, bi)                  # loss finite at the fp point (cheap, no grad)
         t = ctx.loss_fn.output(ctx.model, batch)
         _check(t, f"model output on batch {bi}")
-        w = ctx.loss_fn.hessian_sqrt(batch, _rademacher((k,) + tuple(t.shape), gen)).to(t.dtype)
+        w = ctx.loss_fn.hessian_sqrt(batch, _stacked(t.shape, gens)).to(t.dtype)
         gs = _grad([t], params, [w], k, allow_unused=True)
         for i, g in enumerate(gs):
             if g is not None:
@@ -134,14 +146,13 @@ def hutchinson_traces(ctx: ScoreContext, tol: float = 0.05, min_probes: int = 8,
                          "where the Hessian equals the Gauss-Newton matrix; use probe='weight'")
     mode = "output" if probe == "output" or (probe == "auto" and label_free) else "weight"
     chunk = _probe_chunk_output if mode == "output" else _probe_chunk_weight
-    gen = torch.Generator().manual_seed(ctx.seed)
     nb = len(ctx.batches)
     rows, seen = [], np.zeros(len(ctx.names), dtype=bool)
     converged = False
     with math_sdpa(), weights_require_grad(ctx) as params:
         while len(rows) < max_probes:
             k = min(probe_batch, max_probes - len(rows))
-            est, s = chunk(ctx, params, k, gen, nb)
+            est, s = chunk(ctx, params, _probe_gens(ctx.seed, len(rows), k), nb)
             rows.extend(est)
             seen |= s
             if len(rows) >= min_probes:
