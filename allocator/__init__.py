@@ -7,7 +7,7 @@ Example:
 """
 from .problem import Problem, Solution
 from .registry import SOLVERS, available, register, solve
-from . import auto, bruteforce, dp, highs, ilp, lagrange  # noqa: F401  (fill the registry)
+from . import auto, bruteforce, convex, dp, highs, ilp, lagrange  # noqa: F401  (fill the registry)
 from .frontier import frontier
 from .groups import group_table, with_group_budgets
 
