@@ -1,11 +1,16 @@
 """Cost models: each ``cost(layers, specs) -> (L, B)`` table in its own unit (bytes, BOPs, ms, ...).
 
+Registered: size (bytes), bops, latency (ms, needs ``profile=``), area (µm²), energy (pJ).
+
 Example:
     >>> from bitplan.costmodels import cost_table
     >>> size = cost_table("size", graph.layers, specs)      # (L, B) bytes
 """
 from .registry import COST_MODELS, cost_table, register
 from .size import MB, base_nbytes, model_nbytes, size_table
-from . import bops  # noqa: F401  (fill the registry)
+from . import area, bops, latency  # noqa: F401  (fill the registry)
+from .area import area_table, energy_table
+from .latency import latency_table, predict_latency_ms
 
-__all__ = ["cost_table", "register", "COST_MODELS", "size_table", "model_nbytes", "base_nbytes", "MB"]
+__all__ = ["cost_table", "register", "COST_MODELS", "size_table", "model_nbytes", "base_nbytes", "MB",
+           "latency_table", "predict_latency_ms", "area_table", "energy_table"]
