@@ -63,6 +63,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        out = ()
+    if not out or any(v <= 0 for v in out):
+        raise argparse.ArgumentTypeError(f"{s!r}: give comma-separated positive integers, e.g. 1,16,128")
+    return out
+
+
 def _floats(s: str) -> list[float]:
     try:
         out = [float(x) for x in s.split(",") if x.strip()]
@@ -164,14 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Measure the latency of every bit option's real kernel at the model's "
                                     "layer shapes on this device; write a versioned latency profile JSON "
                                     "for `bitplan plan --max-latency-ms`.")
-    _model_args(ca)
+    _model_args(ca, calib=False)
     ca.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device to time on (default cpu)")
-    ca.add_argument("--bits", type=_bits, default=(2, 3, 4, 8), metavar="B,B,...",
-                    help="weight bit options to time (default 2,3,4,8; 16 = fp16)")
-    ca.add_argument("--group-size", type=_group, default=None, metavar="G",
-                    help="group size in weights along the input dimension, or 'none' (default)")
-    ca.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
-                    help="timed repetitions per measurement (default: the calibrator's)")
+    _quant_args(ca)
+    ca.add_argument("--tokens", type=_ints, default=(1, 16, 128), metavar="M,M,...",
+                    help="token counts M (rows of each layer's matmul per forward = batch x sequence "
+                         "positions) to time at (default 1,16,128); plans interpolate between them")
+    ca.add_argument("--reps", type=_positive_int, default=None, metavar="N",
+                    help="timed batches per measurement cell (default: the calibrator's, 31)")
+    ca.add_argument("--max-seconds", type=_positive, default=None, metavar="S",
+                    help="time cap in seconds per measurement cell (default: the calibrator's, 0.5)")
     ca.add_argument("--out", required=True, metavar="FILE", help="where to write the profile JSON")
 
     ap = sub.add_parser("apply", parents=[common], help="pack a model by a plan, write a model folder",
@@ -220,8 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", parents=[common], help="whole pipeline on the built-in MiniLM model, offline",
                         description="Score, solve and apply on all-MiniLM-L6-v2; compare with uniform baselines.")
+    dm.add_argument("--model", default="minilm", metavar="SPEC",
+                    help="model spec (default minilm); " + MODEL_HELP.split(": ", 1)[1])
     dm.add_argument("--max-probes", type=_positive_int, default=32, metavar="N",
-                    help="Hutchinson probe cap (default 32)")
+                    help="Hutchinson probe cap (default 32; each probe is one Hessian-vector product)")
     dm.add_argument("--out", default=None, metavar="FILE", help="also write the demo's plan JSON here")
     return p
 
@@ -260,13 +274,14 @@ def probe_opts(max_probes):
 
 
 def cmd_plan(args) -> int:
-    from .api import allocate
-    from .graph import find_layers
-    from .sweep import avg_bits_budget_mb, resolve_keep, scored_table
     if args.budget_mb is None and args.avg_bits is None and args.max_latency_ms is None and args.max_bops is None:
         raise _UsageError("give at least one budget: --budget-mb, --avg-bits, --max-latency-ms or --max-bops")
     if args.max_latency_ms is not None and args.profile is None:
         raise _UsageError("--max-latency-ms needs --profile (a latency profile from `bitplan calibrate`)")
+    from .api import allocate
+    from .errors import InfeasibleBudgetError
+    from .graph import find_layers
+    from .sweep import avg_bits_budget_mb, resolve_keep, scored_table
     opts = _check_names(args)
     spec = _load(args)
     _need_calib(spec, "scoring")
@@ -275,10 +290,19 @@ def cmd_plan(args) -> int:
     table = scored_table(spec.model, spec.calib_data, args.sensitivity, args.bits, seed=args.seed,
                          group_size=args.group_size, symmetric=not args.asymmetric,
                          cache=args.sensitivity_cache, sensitivity_opts=opts, quiet=args.quiet)
-    plan = allocate(spec.model, budget_mb=budget_mb, calib_data=spec.calib_data, bits=args.bits,
-                    solver=args.solver, latency_profile=args.profile, max_latency_ms=args.max_latency_ms,
-                    max_bops=args.max_bops, seed=args.seed, group_size=args.group_size,
-                    symmetric=not args.asymmetric, tie=args.tie, keep=keep, sensitivity_table=table)
+    try:
+        plan = allocate(spec.model, budget_mb=budget_mb, calib_data=spec.calib_data, bits=args.bits,
+                        solver=args.solver, latency_profile=args.profile, max_latency_ms=args.max_latency_ms,
+                        max_bops=args.max_bops, seed=args.seed, group_size=args.group_size,
+                        symmetric=not args.asymmetric, tie=args.tie, keep=keep, sensitivity_table=table)
+    except InfeasibleBudgetError as e:
+        small = e.smallest.get("size_mb") if isinstance(getattr(e, "smallest", None), dict) else None
+        if budget_mb is None or small is None:
+            raise
+        flag = f"--budget-mb {args.budget_mb:g}" if args.avg_bits is None else \
+            f"--avg-bits {args.avg_bits:g} ({budget_mb:.6f} MB)"
+        raise ValueError(f"{flag} is infeasible: the smallest feasible size with these options"
+                         f"{' and --keep' if keep else ''} is {small:.6f} MB ({e})") from e
     plan.save(args.out)
     msg = (f"wrote {args.out}: {len(plan.layers)} layers, predicted size "
            f"{plan.predicted['size_bytes'] / 1e6:.6f} MB, solver {plan.solver['name']} ({plan.solver['status']})")
@@ -292,39 +316,18 @@ def cmd_plan(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    try:
-        from .kernels.calibrate import calibrate
-    except ImportError as e:
-        raise RuntimeError(f"this bitplan has no kernel calibrator (bitplan.kernels.calibrate): {e}") from e
-    from .progress import progress_bar
+    from .kernels.calibrate import calibrate
+    from .kernels.formats import QuantSpec
     spec = _load(args)
-    if args.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here")
-    kw = {"device": args.device, "bits": args.bits, "group_size": args.group_size}
-    if args.repeats is not None:
-        kw["repeats"] = args.repeats
-    with progress_bar("calibrating kernels", unit="shape", quiet=args.quiet) as bar:
-        prof = _call_calibrate(calibrate, spec, kw, bar)
+    specs = [QuantSpec(b, args.group_size, not args.asymmetric) for b in args.bits]
+    timing = {k: v for k, v in (("reps", args.reps), ("max_seconds", args.max_seconds)) if v is not None}
+    prof = calibrate(spec.model, device=args.device, tokens=args.tokens, kernels=specs, quiet=args.quiet,
+                     **timing)
     prof.save(args.out)
-    print(f"wrote {args.out}: latency profile for {args.device}")
+    print(f"wrote {args.out}: {len(prof.entries)} timings ({len(prof.options)} options x shapes x "
+          f"{len(args.tokens)} token counts) on {prof.device.get('type')} "
+          f"{prof.device.get('cpu') or prof.device.get('gpu') or ''}".rstrip())
     return 0
-
-
-def _call_calibrate(calibrate, spec, kw, bar):
-    """Pass only the keywords this calibrator accepts (progress callback when it takes one)."""
-    import inspect
-    params = inspect.signature(calibrate).parameters
-    if "progress" in params:
-        kw["progress"] = lambda n=1: bar.update(n)
-    if "calib_data" in params and spec.calib_data is not None:
-        kw["calib_data"] = spec.calib_data
-    unknown = [k for k in kw if k not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values())]
-    for k in unknown:
-        log.warning("calibrate does not take %s; ignored", k)
-        kw.pop(k)
-    return calibrate(spec.model, **kw)
 
 
 def cmd_apply(args) -> int:
@@ -414,7 +417,7 @@ def cmd_export(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    print(run_demo(max_probes=args.max_probes, out=args.out))
+    print(run_demo(max_probes=args.max_probes, out=args.out, model=args.model, quiet=args.quiet))
     return 0
 
 

@@ -2,12 +2,14 @@
 
 Budget: halfway between the packed sizes of uniform 4-bit and uniform 8-bit. The plan is compared
 with uniform baselines by output fidelity: mean cosine similarity of held-out sentence embeddings
-to the fp32 model's (1.0 = identical).
+to the fp32 model's (1.0 = identical). ``--model SPEC`` runs the same steps on any model spec,
+compared by the label-free loss to the fp model's output instead.
 """
 from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections import Counter
 
 import torch
@@ -33,38 +35,61 @@ def fidelity(model, ref: torch.Tensor, batches) -> float:
     return float(torch.nn.functional.cosine_similarity(embed(model, batches), ref, dim=-1).mean())
 
 
-def run_demo(max_probes: int = 32, out: str | None = None) -> str:
-    """Run the demo; returns the printed report."""
+def run_demo(max_probes: int = 32, out: str | None = None, model: str = "minilm", quiet: bool = False) -> str:
+    """Run the demo on ``model`` (a model spec; default the built-in MiniLM); returns the report.
+
+    Text encoders (MiniLM, HF folders) are compared by embedding cosine to fp32 on held-out
+    sentences; any other spec by the label-free loss to the fp model's output (lower is better) on
+    its held-out batches, else its calibration batches.
+    """
     from .api import allocate
     from .costmodels import MB, base_nbytes, model_nbytes
     from .graph import LayerGraph
     from .kernels.apply import apply_plan_
     from .models import embed, load_model
+    from .progress import counting_loss, progress_bar
+    from .sensitivity.losses import resolve_loss
+    from .sweep import measure_loss
 
-    spec = load_model("minilm")
-    model = spec.model
-    graph = LayerGraph.build(model)
-    base = base_nbytes(model, graph.names)
+    spec = load_model(model)
+    if spec.calib_data is None:
+        raise ValueError(f"demo model {model!r} returned no calibration data; return (model, calib_batches)")
+    net = spec.model
+    graph = LayerGraph.build(net)
+    base = base_nbytes(net, graph.names)
     u4, u8 = (uniform_plan(graph, b, base_bytes=base) for b in (4, 8))
     budget_mb = (u4.predicted["size_bytes"] + u8.predicted["size_bytes"]) / 2 / MB
+    held = spec.eval_data if spec.eval_data is not None else spec.calib_data
+    if "tokenizer" in spec.extra:            # sentence encoder: cosine of embeddings to fp32
+        ref = embed(net, held)
+        metric, label = (lambda m: fidelity(m, ref, held)), "cosine to fp32"
+        n_held = f"{sum(len(b['input_ids']) for b in held)} held-out sentences, not the calibration set"
+    else:
+        fn, desc = resolve_loss(None, net, held)
+        metric, label = (lambda m: measure_loss(m, fn, held)), "loss to fp (lower=better)"
+        n_held = (f"{len(held)} {'held-out' if spec.eval_data is not None else 'calibration'} batches; "
+                  f"{desc}")
+    opts = {"max_probes": max_probes, **({"min_probes": max_probes} if max_probes < 8 else {})}
     t0 = time.perf_counter()
-    plan = allocate(model, budget_mb=budget_mb, calib_data=spec.calib_data,
-                    sensitivity_opts={"max_probes": max_probes, **({"min_probes": max_probes} if max_probes < 8 else {})})
+    with progress_bar("scoring (hessian)", unit="loss eval", quiet=quiet) as bar:
+        plan = allocate(net, budget_mb=budget_mb, calib_data=spec.calib_data,
+                        loss_fn=counting_loss(None, net, list(spec.calib_data), bar), sensitivity_opts=opts)
     seconds = time.perf_counter() - t0
     if out:
         plan.save(out)
-    ref = embed(model, spec.eval_data)
     rows = []
     candidates = [("bitplan", plan), ("uniform int4", u4),
                   ("uniform int4 g32", uniform_plan(graph, 4, 32, base_bytes=base)),
                   ("uniform int5", uniform_plan(graph, 5, base_bytes=base)),
                   ("uniform int8", u8)]
-    for name, p in candidates:
-        packed = apply_plan_(copy.deepcopy(model), p, mode="packed")
-        rows.append((name, p.predicted["size_bytes"] / MB, model_nbytes(packed) / MB,
-                     fidelity(packed, ref, spec.eval_data)))
-    lines = [f"bitplan demo: all-MiniLM-L6-v2, {len(graph.layers)} quantizable layers, "
-             f"fp32 size {model_nbytes(model) / MB:.3f} MB ({base / MB:.3f} MB not quantizable)",
+    with warnings.catch_warnings():          # kernel fallback warnings: the report names the kernels
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name, p in candidates:
+            packed = apply_plan_(copy.deepcopy(net), p, mode="packed")
+            rows.append((name, p.predicted["size_bytes"] / MB, model_nbytes(packed) / MB, metric(packed)))
+    title = "all-MiniLM-L6-v2" if model == "minilm" else model
+    lines = [f"bitplan demo: {title}, {len(graph.layers)} quantizable layers, "
+             f"fp32 size {model_nbytes(net) / MB:.3f} MB ({base / MB:.3f} MB not quantizable)",
              f"budget {budget_mb:.3f} MB (halfway between uniform int4 and int8); "
              f"scoring + solving took {seconds:.1f} s "
              f"({plan.estimator['name']}, {plan.estimator['probes']} probes; solver {plan.solver['name']} "
@@ -72,9 +97,8 @@ def run_demo(max_probes: int = 32, out: str | None = None) -> str:
     for n, s in plan.layers.items():
         lines.append(f"  {n:<60} {s.bits:>2}")
     lines.append(f"  bits histogram: {dict(sorted(Counter(plan.bits.values()).items()))}")
-    lines += ["", f"{'plan':<18} {'predicted MB':>13} {'packed MB':>10} {'cosine to fp32':>15}"]
+    lines += ["", f"{'plan':<18} {'predicted MB':>13} {'packed MB':>10} {label:>26}"]
     for name, pred, real, fid in rows:
-        lines.append(f"{name:<18} {pred:>13.3f} {real:>10.3f} {fid:>15.5f}")
-    lines.append(f"\n(cosine: mean over {sum(len(b['input_ids']) for b in spec.eval_data)} held-out "
-                 "sentences, not the calibration set)")
+        lines.append(f"{name:<18} {pred:>13.6g} {real:>10.6g} {fid:>26.5g}")
+    lines.append(f"\n({label}: mean over {n_held})")
     return "\n".join(lines)

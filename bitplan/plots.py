@@ -32,10 +32,21 @@ def _save(fig, path) -> str:
     return path
 
 
+def _common_prefix(names) -> str:
+    """The dotted prefix every name shares (e.g. 'encoder.'), never a whole name."""
+    parts = [n.split(".") for n in names]
+    k = 0
+    while len(names) > 1 and all(len(p) > k + 1 and p[k] == parts[0][k] for p in parts):
+        k += 1
+    return ".".join(parts[0][:k]) + "." if k else ""
+
+
 def _ticks(ax, names, axis="x", max_labels=40):
     step = max(1, int(np.ceil(len(names) / max_labels)))
     idx = list(range(0, len(names), step))
-    short = [n if len(n) <= 36 else "…" + n[-35:] for n in names]
+    pre = _common_prefix(names)
+    short = [n[len(pre):] for n in names]
+    short = [n if len(n) <= 40 else "…" + n[-39:] for n in short]
     if axis == "x":
         ax.set_xticks(idx)
         ax.set_xticklabels([short[i] for i in idx], rotation=90, fontsize=7)
@@ -68,8 +79,12 @@ def plot_frontier(front: dict, path, title: str | None = None) -> str:
                 continue
             ax.plot(u["size_mb"], max(u[key], 1e-12), "s", color=_BIT_COLORS.get(u["bits"], "k"),
                     label=f"uniform {u['bits']}-bit")
-        if key == "measured_loss" and front.get("base_loss") is not None:
-            ax.axhline(max(front["base_loss"], 1e-12), color="k", ls=":", lw=1, label="unquantized")
+        base = front.get("base_loss")
+        if key == "measured_loss" and base is not None:
+            if base > 0:
+                ax.axhline(base, color="k", ls=":", lw=1, label=f"unquantized ({base:.3g})")
+            else:            # label-free losses are 0 at the fp weights: a log axis cannot show it
+                ax.plot([], [], " ", label="unquantized: 0")
         ax.set_yscale("log")
         ax.set_xlabel("model size after packing (MB = 10⁶ bytes)")
         ax.set_ylabel(label)
@@ -93,11 +108,12 @@ def plot_bits(plan, path, title: str | None = None) -> str:
     ax.set_xlim(-0.6, len(names) - 0.4)
     ax.set_ylabel("weight bits")
     ax.set_yticks(sorted(set(bits) | {0}))
-    ax.set_xlabel("layer (network order)")
+    pre = _common_prefix(names)
+    ax.set_xlabel("layer (network order)" + (f", prefix '{pre}' omitted" if pre else ""))
     size = plan.predicted.get("size_bytes")
     ax.set_title(title or f"bits per layer — {len(names)} layers"
                  + (f", predicted size {size / 1e6:.3f} MB" if size is not None else ""), fontsize=10)
-    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -115,7 +131,8 @@ def plot_sensitivity(table, path, title: str | None = None) -> str:
     ax.set_xticklabels([f"{b}" for b in table.bits])
     ax.set_xlabel("weight bits")
     _ticks(ax, list(table.names), "y", max_labels=60)
-    ax.set_ylabel("layer (network order)")
+    pre = _common_prefix(list(table.names))
+    ax.set_ylabel("layer (network order)" + (f", prefix '{pre}' omitted" if pre else ""))
     cb = fig.colorbar(im, ax=ax)
     cb.set_label("log10 predicted loss increase")
     ax.set_title(title or f"sensitivity ({table.method}), {len(table.names)} layers", fontsize=10)
