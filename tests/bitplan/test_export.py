@@ -1,0 +1,116 @@
+"""torchao / HF export: layout, skipped layers, and (when torchao imports) a real round trip —
+``config_from_dict`` + ``quantize_`` gives every layer the plan's bits, group size and mapping."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from bitplan.export import (exportable_layers, merge_hf_config, to_hf_quantization_config, to_torchao_dict,
+                            torchao_version)
+from bitplan.kernels.formats import QuantSpec
+from bitplan.plan import Plan
+
+
+def make_plan():
+    """Linear layers of tests.fixtures_models.TinyMLP at mixed options + a conv and an fp16 layer."""
+    layers = {"fc1": QuantSpec(3, 32), "fc2": QuantSpec(8, None, False), "fc3": QuantSpec(2, 32, False),
+              "head": QuantSpec(4), "conv": QuantSpec(4), "keep16": QuantSpec(16)}
+    shapes = {"fc1": [64, 32], "fc2": [64, 64], "fc3": [64, 64], "head": [16, 64], "conv": [8, 1, 3, 3],
+              "keep16": [64, 64]}
+    return Plan("f", layers, {"size_bytes": 1.0}, meta={"layer_shapes": shapes})
+
+
+def test_exportable_layers_skip_conv_and_fp16():
+    layers, skipped = exportable_layers(make_plan())
+    assert set(layers) == {"fc1", "fc2", "fc3", "head"}
+    assert any(s.startswith("conv ") for s in skipped) and any(s.startswith("keep16 ") for s in skipped)
+
+
+def test_hand_built_layout():
+    d = to_torchao_dict(make_plan(), use_torchao=False)
+    assert d["_type"] == "FqnToConfig" and d["_data"]["fqn_to_config"] == d["_data"]["module_fqn_to_config"]
+    fc1 = d["_data"]["fqn_to_config"]["fc1"]
+    assert fc1["_type"] == "IntxWeightOnlyConfig"
+    assert fc1["_data"]["weight_dtype"] == {"_type": "torch.dtype", "_data": "int3"}
+    assert fc1["_data"]["granularity"]["_data"] == {"group_size": 32}
+    fc2 = d["_data"]["fqn_to_config"]["fc2"]["_data"]
+    assert fc2["granularity"]["_type"] == "PerAxis" and fc2["mapping_type"]["_data"] == "ASYMMETRIC"
+    json.dumps(d)                                              # JSON-ready
+
+
+def test_strip_prefix_and_hf_layout(tmp_path):
+    plan = make_plan()
+    wrapped = Plan(plan.model_fingerprint, {"encoder." + k: v for k, v in plan.layers.items()},
+                   plan.predicted, meta={"layer_shapes": {"encoder." + k: v for k, v in
+                                                          plan.meta["layer_shapes"].items()}})
+    hf = to_hf_quantization_config(wrapped, strip_prefix="encoder.", use_torchao=False)
+    assert hf["quant_method"] == "torchao" and list(hf["quant_type"]) == ["default"]
+    assert set(hf["quant_type"]["default"]["_data"]["fqn_to_config"]) == {"fc1", "fc2", "fc3", "head"}
+    assert hf["modules_to_not_convert"] == ["keep16"]
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"architectures": ["X"]}))
+    merge_hf_config(cfg, hf)
+    assert json.loads(cfg.read_text()) == {"architectures": ["X"], "quantization_config": hf}
+
+
+def test_nothing_to_export_is_an_error():
+    plan = Plan("f", {"c": QuantSpec(4)}, meta={"layer_shapes": {"c": [8, 1, 3, 3]}})
+    with pytest.raises(ValueError, match="nothing to export"):
+        to_torchao_dict(plan, use_torchao=False)
+
+
+# ---------------------------------------------------------------- with torchao (skipped without it)
+def _torchao():
+    if torchao_version() is None:
+        pytest.skip("torchao is not importable here (optional; tested with torchao 0.18.0 on torch 2.13)")
+    import torchao
+    return torchao
+
+
+def test_hand_built_equals_torchao_config_to_dict():
+    tao = _torchao()
+    if not tao.__version__.startswith("0.18."):
+        pytest.skip(f"the hand-built layout mirrors torchao 0.18; installed {tao.__version__}")
+    plan = make_plan()
+    assert to_torchao_dict(plan, use_torchao=True) == to_torchao_dict(plan, use_torchao=False)
+
+
+@pytest.mark.parametrize("use_torchao", [True, False])
+def test_torchao_quantize_applies_the_same_bits(use_torchao):
+    _torchao()
+    from torchao.core.config import config_from_dict
+    from torchao.quantization import quantize_
+
+    from tests.fixtures_models import tiny
+    plan = make_plan()
+    plan = Plan("f", {k: v for k, v in plan.layers.items() if k in ("fc1", "fc2", "fc3", "head")},
+                meta={"layer_shapes": plan.meta["layer_shapes"]})
+    cfg = config_from_dict(json.loads(json.dumps(to_torchao_dict(plan, use_torchao=use_torchao))))
+    model, batches = tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(model, cfg, filter_fn=None)
+    for name, spec in plan.layers.items():
+        w = model.get_submodule(name).weight
+        assert w.target_dtype == getattr(torch, f"int{spec.bits}"), name
+        assert tuple(w.block_size) == (1, spec.group_size or w.shape[1]), name
+        lo, hi = int(w.qdata.min()), int(w.qdata.max())
+        assert -(2 ** (spec.bits - 1)) <= lo and hi <= 2 ** (spec.bits - 1) - 1, name   # signed b-bit codes
+    with torch.no_grad():
+        assert torch.isfinite(model(batches[0])).all()
+
+
+def test_hf_config_round_trips_through_transformers():
+    _torchao()
+    from torchao.quantization import FqnToConfig
+    from transformers import TorchAoConfig
+    plan = make_plan()
+    hf = json.loads(json.dumps(to_hf_quantization_config(plan)))
+    cfg = TorchAoConfig.from_dict(hf)
+    assert isinstance(cfg.quant_type, FqnToConfig)
+    got = {k: v.weight_dtype for k, v in cfg.quant_type.fqn_to_config.items()}
+    assert got == {k: getattr(torch, f"int{plan.layers[k].bits}") for k in ("fc1", "fc2", "fc3", "head")}
+    assert cfg.to_dict()["quant_type"] == hf["quant_type"]
