@@ -48,13 +48,14 @@ def solve(problem: Problem, time_limit: float | None = 30.0, exact_cells: int = 
     t0 = time.perf_counter()
     red, row_of = problem.reduced()
     t = Tables.of(red)
+    build_s = time.perf_counter() - t0
     lam_n = None if lam0 is None else np.asarray(lam0, float) * t.cost_scale / t.spread
     lr = lagrangian(t, None if time_limit is None else 0.5 * time_limit, lam0=lam_n)
     lam_raw = (lr.lam / t.cost_scale * t.spread).tolist()
     cells = int(t.allowed.sum())
     log = {"ran": ["lagrange"], "lagrange_s": lr.seconds, "cells": cells,
            "lagrange_gap": (lr.objective - lr.bound) * t.spread / max(abs(t.to_loss(lr.objective)), 1e-300)}
-    info = {"auto": log, "lambda": lam_raw, "iterations": lr.evals}
+    info = {"auto": log, "lambda": lam_raw, "iterations": lr.evals, "build_s": build_s}
     obj_l, bnd_l = t.to_loss(lr.objective), t.to_loss(lr.bound)
     if proven(obj_l, bnd_l, t.spread) or proven(obj_l, bnd_l, t.spread, gap_tol):
         log["reason"] = "Lagrangian bound closes the gap"
@@ -67,6 +68,7 @@ def solve(problem: Problem, time_limit: float | None = 30.0, exact_cells: int = 
     mask = highs.prune(t, lr.lam, lr.bound, lr.objective)           # reduced-cost fixing
     ch, bound, res = highs.run(t, None if time_limit is None else left, lr.choice, threads, mask=mask)
     log["ran"].append("highs")
+    info["build_s"] += res["build_s"]
     log["highs"] = res
     if res.get("infeasible"):       # cannot happen with a feasible warm start, but be explicit
         raise InfeasibleBudgetError("no plan meets all budgets together (HiGHS proved infeasibility)",

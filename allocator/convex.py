@@ -105,12 +105,14 @@ def solve(problem: Problem, bits=None, solver: str = "CLARABEL", time_limit: flo
     objective = cp.Minimize(cp.sum(cp.multiply(c_n, cp.exp(cp.multiply(-theta * LN2, x)))))
     budget = A @ x <= rhs
     prob = cp.Problem(objective, [budget, x >= lo, x <= hi] if K else [x >= lo, x <= hi])
+    build_s = time.perf_counter() - t0                                 # fit + cvxpy expression
     kw = {} if time_limit is None else {"time_limit": float(time_limit)}
     try:
         prob.solve(solver=solver, **kw)
     except cp.error.SolverError:
         prob.solve(solver="SCS")
-    info = {"cvxpy_status": prob.status, "bits": bits.tolist(), "solve_s": time.perf_counter() - t0}
+    info = {"cvxpy_status": prob.status, "bits": bits.tolist(), "build_s": build_s,
+            "solve_s": time.perf_counter() - t0 - build_s}
     xv = np.clip(np.asarray(x.value if x.value is not None else lo, float), lo, hi)       # (R,)
     cont = float(np.sum(c * np.exp(-theta * LN2 * xv)))
     # round down to an allowed option (costs grow with bits), then repair and improve on true tables

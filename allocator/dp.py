@@ -106,11 +106,12 @@ def solve(problem: Problem, max_bins: int = 100_000, bound: bool = True, **_) ->
     u, exact = _grid(w, max(free, 0.0), max_bins)
     C = int(math.floor(max(free, 0.0) / u + 1e-9 * exact))
     w_up = np.where(np.isfinite(w), np.ceil(w / u - 1e-12 * exact), C + 1)    # bins, >= true
+    build_s = time.perf_counter() - t0
     val, choice = _dp(loss, w_up, C)
     if choice is None:
         raise InfeasibleBudgetError(f"budget {name!r} = {cap:.10g} is infeasible",
                                     problem.smallest_feasible())
-    info = {"bin_width": u, "bins": C, "exact": exact, "budget": name}
+    info = {"bin_width": u, "bins": C, "exact": exact, "budget": name, "build_s": build_s}
     lower = -math.inf
     if exact:
         lower = val

@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from bitplan.errors import InfeasibleBudgetError
+
 from .common import OPT_RTOL, Tables, argmin0, finish, remaining
 from .greedy import feasible, improve, repair
 from .problem import Problem, Solution
@@ -161,6 +163,10 @@ def lagrangian(t: Tables, time_limit: float | None = None, max_iter: int = 200,
             for k in range(K):
                 _bisect(dual, k, K, 12, deadline)                     # coarse: cuts + a scale
             _bundle(dual, K, max_iter, deadline, tol=1e-3 * gap_tol)
+        if dual.best[0] > 1.0 + 1e-9:        # every plan's normalised loss is <= 1: no plan fits
+            raise InfeasibleBudgetError(
+                "no plan meets all budgets together (proved: the Lagrangian dual bound exceeds the "
+                "loss of every plan)")
         ch = _recover(t, dual)
     obj = t.objective(ch)
     bound = min(dual.best[0], obj)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from bitplan.errors import InfeasibleBudgetError
+
 from .problem import Problem, Solution
 
 __all__ = ["SOLVERS", "register", "solve", "available"]
@@ -38,7 +40,15 @@ def solve(problem: Problem, method: str = "auto", **opts) -> Solution:
         raise ValueError(f"unknown solver {method!r}; known: {available()}")
     problem.check_budgets()
     t0 = time.perf_counter()
-    sol = SOLVERS[method](problem, **opts)
+    try:
+        sol = SOLVERS[method](problem, **opts)
+    except InfeasibleBudgetError as e:           # make every solver's message name the smallest values
+        if e.smallest:
+            raise
+        small = problem.smallest_feasible()
+        msg = ", ".join(f"{k!r}: {v:.10g}" for k, v in small.items())
+        raise InfeasibleBudgetError(f"{e}; smallest feasible value of each budget on its own: {msg}",
+                                    small) from e
     bad = problem.violations(sol.choice)
     if bad:          # a solver bug or a tolerance slip: never hand back a plan that breaks a budget
         raise RuntimeError(f"solver {method!r} returned an infeasible plan: {bad[:5]}")
