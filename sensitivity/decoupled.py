@@ -12,9 +12,11 @@ KL/MSE to the fp outputs); ``"sqnr"`` — output noise-to-signal ratio ‖f_q �
 −10·log10 of it, a fidelity metric); ``"cos"`` — mean 1 − cos(f_q, f) per row (direction change). All
 come from the same perturbed forward (one per layer × option × batch, like ``measured``).
 
-Normalisation: each metric's (L, B) table is divided by its sum. Group of layer l = argmax over
-metrics of its row sum in the normalised tables. Combined table: each row is its group's normalised
-row, times the raw sum of the ``"loss"`` table (when present) so the combined table is in loss units.
+Normalisation: each metric's (L, B) table is divided by Σ_b median_l (robust to one outlier layer).
+Group of layer l = argmax over metrics of its row sum in the normalised tables. Combined table: each
+row is its group's normalised row; with ``"loss"`` among the metrics, each group's rows are scaled
+so the group's total equals its total measured loss increase (the table is then in loss units, and
+within a group the shape over layers and options comes from that group's metric).
 ``meta["group"]`` (L,) names each layer's metric; ``meta["groups"]`` maps metric -> layer names;
 ``meta["per_metric"]`` keeps the raw tables. NOTE: when the loss is the label-free MSE to a single
 output tensor, ``loss`` and ``sqnr`` are proportional per batch, so their groups carry little extra
@@ -44,13 +46,22 @@ def decoupled(ctx: ScoreContext, metrics=("loss", "sqnr")):
     dloss, mets, base = one_at_a_time(ctx, [m for m in metrics if m != "loss"])
     raw = {"loss": np.maximum(dloss, 0.0), **mets} if "loss" in metrics else mets
     raw = {m: raw[m] for m in metrics}                                      # metric -> (L, B)
-    sums = {m: float(raw[m].sum()) for m in metrics}
+    # robust per-metric normaliser: Σ over options of the median over layers (one outlier layer,
+    # e.g. an embedding-side projection at 2 bits, must not push every other layer into one group)
+    sums = {m: float(np.median(raw[m], 0).sum()) or float(raw[m].sum()) for m in metrics}
     norm = {m: raw[m] / sums[m] if sums[m] > 0 else np.zeros_like(raw[m]) for m in metrics}
     share = np.stack([norm[m].sum(1) for m in metrics], 1)                 # (L, M)
     gi = share.argmax(1)                                                    # (L,)
-    scale = sums["loss"] if "loss" in metrics else 1.0
-    loss = np.stack([norm[metrics[g]][l] for l, g in enumerate(gi)]) * scale  # (L, B)
+    loss = np.stack([norm[metrics[g]][l] for l, g in enumerate(gi)])       # (L, B) normalised units
+    scale = np.ones(len(metrics))
+    if "loss" in metrics:          # each group's rows back to loss units (group total = its raw loss)
+        for g in range(len(metrics)):
+            rows = gi == g
+            den = loss[rows].sum()
+            scale[g] = raw["loss"][rows].sum() / den if den > 0 else 0.0
+        loss = loss * scale[gi][:, None]
     group = [metrics[g] for g in gi]
     return loss, {"metrics": list(metrics), "group": group,
                   "groups": {m: [n for n, g in zip(ctx.names, group) if g == m] for m in metrics},
-                  "per_metric": raw, "normaliser": sums, "base_loss": base, "scale": scale}
+                  "per_metric": raw, "normaliser": sums, "base_loss": base,
+                  "group_scale": dict(zip(metrics, scale.tolist()))}

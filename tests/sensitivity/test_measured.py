@@ -53,9 +53,12 @@ def test_decoupled_metrics_groups_and_combined_table(net, batches):
     pm = t.meta["per_metric"]
     np.testing.assert_allclose(pm["loss"], np.maximum(d, 0), rtol=1e-4, atol=1e-10)
     np.testing.assert_allclose(pm["sqnr"], nsr, rtol=1e-4)
-    norm = {m: pm[m] / pm[m].sum() for m in ("loss", "sqnr")}
-    for l, g in enumerate(t.meta["group"]):
+    norm = {m: pm[m] / np.median(pm[m], 0).sum() for m in ("loss", "sqnr")}
+    group = np.array(t.meta["group"])
+    for l, g in enumerate(group):
         other = "sqnr" if g == "loss" else "loss"
         assert norm[g][l].sum() >= norm[other][l].sum()
-        np.testing.assert_allclose(t.loss[l], norm[g][l] * pm["loss"].sum(), rtol=1e-9)
+        np.testing.assert_allclose(t.loss[l], norm[g][l] * t.meta["group_scale"][g], rtol=1e-9)
+    for g in ("loss", "sqnr"):              # each group's total is its measured loss increase
+        np.testing.assert_allclose(t.loss[group == g].sum(), pm["loss"][group == g].sum(), rtol=1e-9)
     assert sorted(sum(t.meta["groups"].values(), [])) == sorted(t.names)
