@@ -1,18 +1,26 @@
-"""The shared quantizer, storage formats, packed layers and ``apply_plan_``.
+"""The shared quantizer, storage formats, packed layers on real kernels, ``apply_plan_`` and
+latency calibration.
 
 Example:
     >>> from bitplan.kernels import quantize, dequantize
     >>> w_r = dequantize(quantize(w, 4, group_size=128))
+    >>> from bitplan.kernels import calibrate, LatencyProfile
+    >>> calibrate(model, tokens=(1, 16, 128)).save("prof.json")
 """
 from .formats import ALLOWED_BITS, FP16_BITS, QuantSpec, weight_nbytes
 from .quantizer import QTensor, dequantize, fake_quantize, pack, quantize, unpack
 
 __all__ = ["quantize", "dequantize", "fake_quantize", "pack", "unpack", "QTensor", "QuantSpec",
-           "weight_nbytes", "ALLOWED_BITS", "FP16_BITS", "apply_plan_"]
+           "weight_nbytes", "ALLOWED_BITS", "FP16_BITS", "apply_plan_", "calibrate", "LatencyProfile",
+           "measure_fixed_cost", "calibrate_model", "KERNELS", "get_kernel", "select_kernel", "kernel_for"]
+
+_LAZY = {"apply_plan_": "apply", "calibrate": "calibrate", "measure_fixed_cost": "calibrate", "calibrate_model": "calibrate",
+         "LatencyProfile": "profile", "KERNELS": "registry", "get_kernel": "registry",
+         "select_kernel": "registry", "kernel_for": "registry"}
 
 
-def __getattr__(name):
-    if name == "apply_plan_":
-        from .apply import apply_plan_
-        return apply_plan_
+def __getattr__(name):          # lazy: importing bitplan.kernels stays light
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'bitplan.kernels' has no attribute {name!r}")

@@ -120,3 +120,6 @@ def kernel_nbytes(spec: QuantSpec, n: int, k: int, device="cpu", kind: str = "li
     Example: ``kernel_nbytes(QuantSpec(4, 32), 1536, 384)`` == 1536*192 + 1536*12*4  (bf16 scale+zero)
     """
     return get_kernel(kernel_for(spec, n, k, device, kind)).nbytes(spec, n, k)
+
+
+_fill()          # the kernel classes live in qlinear.py; importing it registers them

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from bitplan.kernels.calibrate import calibrate, layer_shapes, measure_fixed_cost
+from bitplan.kernels.calibrate import calibrate, calibrate_model, layer_shapes, measure_fixed_cost
 from bitplan.kernels.profile import LatencyProfile, device_fingerprint
 
 
@@ -133,3 +133,21 @@ def test_fixed_cost_restores_model():
     before = [type(m) for m in model]
     t = measure_fixed_cost(model, torch.randn(4, 16), reps=7, max_seconds=0.01, retries=0)
     assert t["median_ms"] > 0 and [type(m) for m in model] == before
+
+
+def test_calibrate_model_in_context():
+    from bitplan.costmodels import predict_latency_ms
+    from bitplan.graph import LayerGraph
+    from bitplan.kernels.formats import QuantSpec
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).eval()
+    x = torch.randn(8, 64)
+    specs = [QuantSpec(8), QuantSpec(4, 32), QuantSpec(24 // 8)]
+    prof = calibrate_model(model, x, specs, reps=3, fixed_name="toy", quiet=True)
+    assert {(n, k, m) for _, n, k, m in prof.entries} == {(128, 64, 8), (64, 128, 8)}
+    assert set(prof.options) == {"fp32@dense", "w8@int8_wo", "w4g32@int4_wo", "w3@lowbit_unpack"}
+    assert prof.fixed["toy"]["median_ms"] >= 0 and prof.fixed["toy"]["runs"] == 3 * 4
+    g = LayerGraph.build(model, x)
+    t = predict_latency_ms(g.layers, [QuantSpec(8), QuantSpec(4, 32)], prof, tokens=8, fixed="toy")
+    assert t > prof.fixed["toy"]["median_ms"]
+    assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]   # untouched
