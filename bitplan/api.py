@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 import platform
 import time
+import warnings
 
-import numpy as np
 import torch
 
 from . import __version__
@@ -28,12 +28,32 @@ def _positive(name, v):
     return float(v)
 
 
+def fixed_latency_ms(profile, name: str | None) -> float:
+    """ms of the ops no option changes: ``profile.fixed[name]``; with ``name=None`` the profile's only
+    fixed entry, or 0 (the budget then covers the quantizable layers alone) when it has none."""
+    if name is None:
+        if len(profile.fixed) > 1:
+            raise ValueError(f"the latency profile has fixed costs for {sorted(profile.fixed)}; "
+                             "say which one with latency_fixed=")
+        if not profile.fixed:
+            warnings.warn("latency profile has no fixed cost: max_latency_ms bounds the quantizable "
+                          "layers only", stacklevel=3)
+            return 0.0
+        name = next(iter(profile.fixed))
+    if name not in profile.fixed:
+        raise ValueError(f"latency_fixed={name!r} is not in the profile; known: {sorted(profile.fixed)}")
+    return float(profile.fixed[name]["median_ms"])
+
+
 def build_problem(graph: LayerGraph, table, specs, base_bytes: int, budget_mb=None, max_bops=None,
-                  latency_profile=None, max_latency_ms=None, tie=None, keep=None):
-    """Assemble the allocator Problem (budgets on the quantizable part; fixed bytes subtracted)."""
+                  latency_profile=None, max_latency_ms=None, tie=None, keep=None,
+                  latency_fixed=None, latency_tokens=None):
+    """Assemble the allocator Problem (budgets on the quantizable part: fixed bytes and fixed ms
+    subtracted). Returns ``(problem, fixed_latency_ms)``."""
     from .allocator import Problem
     from .costmodels import MB, cost_table
     costs, budgets = {"size_bytes": cost_table("size", graph.layers, specs)}, {}
+    fixed_ms = 0.0
     if budget_mb is not None:
         budgets["size_bytes"] = budget_mb * MB - base_bytes
     if max_bops is not None:
@@ -43,11 +63,11 @@ def build_problem(graph: LayerGraph, table, specs, base_bytes: int, budget_mb=No
         if latency_profile is None:
             raise ValueError("max_latency_ms needs latency_profile (a path or LatencyProfile from "
                              "`bitplan calibrate`)")
-        from .costmodels import latency as lat
-        prof = lat.load_profile(latency_profile) if isinstance(latency_profile, (str, bytes)) or \
-            hasattr(latency_profile, "__fspath__") else latency_profile
-        costs["latency_ms"] = cost_table("latency", graph.layers, specs, profile=prof)
-        budgets["latency_ms"] = max_latency_ms - lat.fixed_ms(prof, graph)
+        from .costmodels.latency import latency_table, load_profile
+        prof = load_profile(latency_profile)
+        costs["latency_ms"] = latency_table(graph.layers, specs, prof, tokens=latency_tokens)
+        fixed_ms = fixed_latency_ms(prof, latency_fixed)
+        budgets["latency_ms"] = max_latency_ms - fixed_ms
     fixed = {}
     for name, b in (keep or {}).items():
         if name not in graph.names:
@@ -56,7 +76,7 @@ def build_problem(graph: LayerGraph, table, specs, base_bytes: int, budget_mb=No
         if b not in opts:
             raise ValueError(f"keep={{{name!r}: {b}}}: {b} bits is not among the options {opts}")
         fixed[graph.index(name)] = opts.index(b)
-    return Problem(table.loss, costs, budgets, graph.tie_groups(tie), graph.names, fixed)
+    return Problem(table.loss, costs, budgets, graph.tie_groups(tie), graph.names, fixed), fixed_ms
 
 
 def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=None, loss_fn=None,
@@ -64,13 +84,16 @@ def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=
              latency_profile=None, max_latency_ms: float | None = None, max_bops: float | None = None,
              seed: int = 0, group_size: int | None = None, symmetric: bool = True,
              tie: str | None = None, keep: dict | None = None, sensitivity_table=None,
-             sensitivity_opts: dict | None = None, solver_opts: dict | None = None) -> Plan:
+             sensitivity_opts: dict | None = None, solver_opts: dict | None = None,
+             latency_fixed: str | None = None, latency_tokens: int | None = None) -> Plan:
     """Choose every quantizable layer's weight bits to lose the least under the budgets.
 
     ``budget_mb`` is the whole model after packing (1 MB = 10**6 bytes, every parameter and buffer).
     ``keep`` fixes layers (fqn -> bits); ``tie="shared_input"`` makes q/k/v-style siblings share bits;
     ``sensitivity_table`` (a Sensitivity or a path) re-solves without re-scoring. The model is never
-    mutated.
+    mutated. ``max_latency_ms`` bounds Σ per-layer kernel times from ``latency_profile`` (at
+    ``latency_tokens`` rows per matmul, default the calibration batch's tokens per sample) plus the
+    profile's fixed cost ``latency_fixed`` (the non-quantized ops, measured by `bitplan calibrate`).
 
     Example:
         >>> plan = bitplan.allocate(model, budget_mb=5.0, calib_data=batches, bits=(2, 3, 4, 8))
@@ -113,8 +136,8 @@ def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=
         table = score(model, batches, method=sensitivity, bits=bits, loss_fn=loss_fn, seed=seed,
                       group_size=group_size, symmetric=symmetric, graph=graph, **(sensitivity_opts or {}))
     # costs -> problem -> solution
-    problem = build_problem(graph, table, specs, base, budget_mb, max_bops, latency_profile,
-                            max_latency_ms, tie, keep)
+    problem, fixed_ms = build_problem(graph, table, specs, base, budget_mb, max_bops, latency_profile,
+                            max_latency_ms, tie, keep, latency_fixed, latency_tokens)
     try:
         sol = solve(problem, method=solver, **(solver_opts or {}))
     except InfeasibleBudgetError as e:
@@ -132,8 +155,8 @@ def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=
         budgets["bops"] = max_bops
     if max_latency_ms is not None:
         budgets["latency_ms"] = max_latency_ms
-        predicted["latency_ms"] = float(problem.costs["latency_ms"][np.arange(len(sol.choice)), sol.choice].sum()
-                                        + max_latency_ms - problem.budgets["latency_ms"])
+        predicted["latency_ms"] = float(sol.totals["latency_ms"] + fixed_ms)
+        predicted["latency_fixed_ms"] = float(fixed_ms)
     finite = lambda v: float(v) if math.isfinite(v) else None     # noqa: E731  (JSON has no inf)
     return Plan(
         model_fingerprint=graph.fingerprint, layers=layers, predicted=predicted, budgets=budgets,

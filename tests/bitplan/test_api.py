@@ -101,3 +101,31 @@ def test_allocate_minilm(minilm):
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(packed(**minilm.eval_data[0]), model(**minilm.eval_data[0]))
     assert cos.mean() > 0.9
+
+
+def test_allocate_under_latency_budget():
+    from bitplan.costmodels.latency import latency_table
+    from bitplan.kernels.calibrate import calibrate, measure_fixed_cost
+    from bitplan.kernels.formats import QuantSpec
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64)).eval()
+    x = torch.randn(8, 64)
+    specs = [QuantSpec(4, 32), QuantSpec(8, 32)]
+    g = LayerGraph.build(m, x[:1])
+    prof = calibrate(g.layers, tokens=(1, 8), kernels=specs, quiet=True, reps=5, max_seconds=0.05)
+    t = latency_table(g.layers, specs, prof)                       # (L, B) ms, measured here
+    kw = dict(latency_profile=prof, calib_data=[x], bits=(4, 8), group_size=32,
+              sensitivity_opts={"max_probes": 4, "min_probes": 4})
+    with pytest.warns(UserWarning, match="no fixed cost"):
+        plan = bitplan.allocate(m, max_latency_ms=float(t.min(1).sum()) * 1.0001, **kw)
+    assert plan.predicted["latency_ms"] <= plan.budgets["latency_ms"] * (1 + 1e-12)   # float sums
+    assert [plan.bits[n] for n in g.names] == [(4, 8)[j] for j in t.argmin(1)]   # only the fastest fits
+    prof.fixed["tiny:b1"] = measure_fixed_cost(m, x[:1])
+    budget = float(t.max(1).sum()) + prof.fixed["tiny:b1"]["median_ms"]
+    plan = bitplan.allocate(m, max_latency_ms=budget, **kw)
+    assert plan.predicted["latency_ms"] <= budget * (1 + 1e-12)
+    assert plan.predicted["latency_fixed_ms"] == prof.fixed["tiny:b1"]["median_ms"]
+    with pytest.raises(ValueError, match="latency_fixed='nope'"):
+        bitplan.allocate(m, max_latency_ms=budget, latency_fixed="nope", **kw)
+    with pytest.raises(ValueError, match="needs latency_profile"):
+        bitplan.allocate(m, max_latency_ms=budget, calib_data=[x])
