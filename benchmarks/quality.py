@@ -58,7 +58,8 @@ def settings(task_name: str, quick: bool) -> dict:
          "opts": {"hessian": {"max_probes": 8 if quick else (24 if minilm else 64), "min_probes": 4 if quick else 8},
                   "fisher": {"samples": 2 if quick else 4}},
          "calib_subset": {},
-         "bitplan": ["hessian", "fisher", "measured"]}
+         "bitplan": ["hessian", "fisher", "measured"],
+         "pack_all": not minilm}
     if minilm:       # one-at-a-time forwards are the expensive part on MiniLM: 2 of the 4 batches
         s["calib_subset"] = {"measured": 2}
     if quick:
@@ -67,27 +68,48 @@ def settings(task_name: str, quick: bool) -> dict:
 
 
 class Evaluator:
-    """Held-out metrics (fake apply) + real packed bytes of a plan, cached per distinct plan."""
+    """Held-out metrics (fake apply) + real packed bytes of a plan, cached per distinct plan.
+
+    ``pack=False`` takes the size from the cost model instead (used for MiniLM's random plans and
+    non-selected candidates, where packing 10^7 weights per plan would dominate the run time); every
+    packed plan is checked against the cost model, so a mismatch would show in ``size_mismatch``.
+    """
 
     def __init__(self, task):
-        self.task, self.cache, self.seconds = task, {}, 0.0
-        self.size_mismatch = []
+        self.task, self.cache, self.sizes, self.seconds = task, {}, {}, 0.0
+        self.size_mismatch, self.packed_plans = [], 0
 
-    def __call__(self, plan) -> tuple[dict, int]:
+    @staticmethod
+    def key(plan):
+        return tuple((s.bits, s.group_size, s.symmetric) for s in plan.layers.values())
+
+    def packed_size(self, plan) -> int:
         from bitplan.costmodels import model_nbytes
         from bitplan.kernels.apply import apply_plan_
-        key = tuple((s.bits, s.group_size, s.symmetric) for s in plan.layers.values())
-        if key not in self.cache:
+        k = self.key(plan)
+        if k not in self.sizes:
             t0 = time.perf_counter()
-            metrics = self.task.evaluate(apply_plan_(copy.deepcopy(self.task.model), plan, "fake"))
             with warnings.catch_warnings():      # "runs the reference dequant path": size is all we need
                 warnings.simplefilter("ignore", RuntimeWarning)
                 packed = model_nbytes(apply_plan_(copy.deepcopy(self.task.model), plan, "packed"))
             if packed != int(plan.predicted["size_bytes"]):
                 self.size_mismatch.append((plan.estimator.get("name"), packed, plan.predicted["size_bytes"]))
-            self.cache[key] = (metrics, packed)
+            self.sizes[k] = packed
+            self.packed_plans += 1
             self.seconds += time.perf_counter() - t0
-        return self.cache[key]
+        return self.sizes[k]
+
+    def __call__(self, plan, pack: bool = True) -> tuple[dict, int, str]:
+        """(metrics, size bytes, "packed" | "predicted")."""
+        from bitplan.kernels.apply import apply_plan_
+        k = self.key(plan)
+        if k not in self.cache:
+            t0 = time.perf_counter()
+            self.cache[k] = self.task.evaluate(apply_plan_(copy.deepcopy(self.task.model), plan, "fake"))
+            self.seconds += time.perf_counter() - t0
+        if pack or k in self.sizes:
+            return self.cache[k], self.packed_size(plan), "packed"
+        return self.cache[k], int(plan.predicted["size_bytes"]), "predicted"
 
 
 def plan_bits(plan) -> str:
@@ -116,29 +138,37 @@ def run_task(name: str, quick: bool, work: str, seed: int, log) -> dict:
     budgets = {b: uniform(ctx, b).predicted["size_bytes"] for b in st["budget_bits"]}
     log(f"[{name}] {len(graph.layers)} layers, base {base} B, budgets {budgets}, fp32 {fp}")
 
-    def add(method, label, b, plan, score_s, solve_s, status="ok", metrics=None, size=None, note=""):
+    pack_all = st["pack_all"]
+    plans = {}                                     # (method, budget bits) -> Plan
+
+    def add(method, label, b, plan, score_s, solve_s, status="ok", metrics=None, size=None, note="",
+            pack=True, size_source="packed"):
         if plan is not None and metrics is None:
-            metrics, size = ev(plan)
+            metrics, size, size_source = ev(plan, pack)
+            plans[method, b] = plan
         rows.append({"method": method, "label": label, "budget_bits": b, "budget_bytes": budgets[b],
-                     "size_bytes": size, "metrics": metrics, "score_s": score_s, "solve_s": solve_s,
+                     "size_bytes": size, "size_source": size_source if size is not None else None,
+                     "metrics": metrics, "score_s": score_s, "solve_s": solve_s,
                      "status": status, "bits": plan_bits(plan) if plan is not None else "", "note": note})
 
     # --- uniform and random
     for b in budgets:
         add("uniform", "uniform", b, uniform(ctx, b), 0.0, 0.0)
         t0 = time.perf_counter()
-        plans = random_plans(ctx, budgets[b], st["random_n"], seed + b)
-        gen_s = (time.perf_counter() - t0) / len(plans)
-        res = [ev(p) for p in plans]
+        rplans = random_plans(ctx, budgets[b], st["random_n"], seed + b)
+        gen_s = (time.perf_counter() - t0) / len(rplans)
+        res = [ev(p, pack_all) for p in rplans]
         mean = {m: float(np.mean([r[0][m] for r in res])) for m in task.metrics}
         worst = {m: float((min if task.higher_better[m] else max)(r[0][m] for r in res)) for m in task.metrics}
         size = max(r[1] for r in res)
+        src = res[0][2]
         add("random_mean", METHODS["random_mean"][0], b, None, 0.0, gen_s, metrics=mean, size=size,
-            note=f"{len(plans)} plans, max size shown")
-        add("random_worst", METHODS["random_worst"][0], b, None, 0.0, gen_s, metrics=worst, size=size)
+            note=f"{len(rplans)} plans, max size shown", size_source=src)
+        add("random_worst", METHODS["random_worst"][0], b, None, 0.0, gen_s, metrics=worst, size=size,
+            size_source=src)
     log(f"[{name}] uniform + random done ({time.perf_counter() - t_task:.0f} s)")
 
-    def ilp_method(key, label, scored, cols, specs):
+    def ilp_method(key, label, scored, cols, specs, pack=True):
         if scored.table is None:
             for b in budgets:
                 add(key, label, b, None, scored.seconds, 0.0, "unavailable", note=scored.error)
@@ -147,7 +177,8 @@ def run_task(name: str, quick: bool, work: str, seed: int, log) -> dict:
         for b in budgets:
             plan, s, status = solve_plan(ctx, loss, specs, budgets[b], key)
             add(key, label, b, plan, scored.seconds, s, status if plan is None else "ok",
-                note="" if plan is not None else "below the smallest {4,8} size" if key == "hawq_v3" else "")
+                note="" if plan is not None else "below the smallest {4,8} size" if key == "hawq_v3" else "",
+                pack=pack)
         log(f"[{name}] {key} done (score {scored.seconds:.1f} s)")
 
     # --- anchors
@@ -187,11 +218,16 @@ def run_task(name: str, quick: bool, work: str, seed: int, log) -> dict:
                 scored = type(a)(Sensitivity(a.table.names, a.table.bits + bg.table.bits,
                                              np.hstack([a.table.loss, bg.table.loss]), est),
                                  a.seconds + bg.seconds)
-        ilp_method(key, key, scored, list(range(len(specs))), specs)
+        ilp_method(key, key, scored, list(range(len(specs))), specs, pack_all)
         cands.append(key)
     # per-channel-only hessian: separates the option set from the group sizes
     key = "bitplan[hessian]"
-    ilp_method(key, key, get_table(ctx, "hessian"), list(range(len(BITS))), pc)
+    ilp_method(key, key, get_table(ctx, "hessian"), list(range(len(BITS))), pc, pack_all)
+    cands.append(key)
+    # every bit-width 2..8 (5 and 7 too), both granularities: same traces, no extra scoring
+    all_specs = [QuantSpec(b, gg) for gg in (None, g) for b in range(2, 9)]
+    key = f"bitplan[hessian+g{g}, bits 2-8]"
+    ilp_method(key, key, hessian_with_specs(ctx, all_specs), list(range(len(all_specs))), all_specs, pack_all)
     cands.append(key)
 
     # --- pick bitplan's best candidate: best mean rank over budgets and metrics (ties share the rank)
@@ -209,6 +245,8 @@ def run_task(name: str, quick: bool, work: str, seed: int, log) -> dict:
     best = min(ranked, key=lambda c: (ranked[c], score_s[c])) if ranked else None
     if best:
         for r in [r for r in rows if r["method"] == best]:
+            if r["size_source"] == "predicted":          # the winner's plans are always really packed
+                r["size_bytes"], r["size_source"] = ev.packed_size(plans[best, r["budget_bits"]]), "packed"
             rows.append({**r, "method": "bitplan_best", "label": f"bitplan best = {best}"})
 
     # --- packed numerics check on one plan: packed forward == fake forward
@@ -228,7 +266,7 @@ def run_task(name: str, quick: bool, work: str, seed: int, log) -> dict:
            "base_bytes": base, "layers": len(graph.layers), "budgets": {str(k): v for k, v in budgets.items()},
            "rows": rows, "bitplan_candidates": ranked, "bitplan_best": best, "scoring": scoring,
            "size_mismatches": ev.size_mismatch, "packed_vs_fake_max_abs_diff": packed_check,
-           "eval_seconds": ev.seconds, "distinct_plans": len(ev.cache), "info": task.info,
+           "eval_seconds": ev.seconds, "distinct_plans": len(ev.cache), "packed_plans": ev.packed_plans, "info": task.info,
            "settings": st, "seconds": time.perf_counter() - t_task}
     log(f"[{name}] done in {out['seconds']:.0f} s; best bitplan candidate {best}")
     return out
@@ -250,7 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", nargs="*", default=None,
                     help="subset of: minilm digits_cnn digits_mlp charlm (default: all; quick: digits_mlp charlm)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (the benchmark box has 2 cores)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on the shared 2-core box, 2 threads ran MiniLM ~5x slower)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tasks = args.tasks or (["digits_mlp", "charlm"] if args.quick else ["digits_mlp", "digits_cnn", "charlm", "minilm"])
