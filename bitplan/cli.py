@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="latency budget in milliseconds per forward, from a measured profile (needs --profile)")
     pl.add_argument("--profile", type=_existing_file, metavar="FILE",
                     help="latency profile JSON written by `bitplan calibrate` on the target device")
+    pl.add_argument("--latency-tokens", type=_positive_int, default=None, metavar="M",
+                    help="rows M of each layer's matmul per forward for the latency cost (tokens or "
+                         "pixels x samples; default: per sample of the calibration batch)")
+    pl.add_argument("--latency-fixed", default=None, metavar="NAME",
+                    help="which fixed cost (ms of the ops no option changes) of the profile to add; "
+                         "default: its only one")
     pl.add_argument("--max-bops", type=_positive, metavar="BOPS",
                     help="bit-operations budget per sample: Σ MACs x weight bits x activation bits")
     _quant_args(pl)
@@ -184,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="timed batches per measurement cell (default: the calibrator's, 31)")
     ca.add_argument("--max-seconds", type=_positive, default=None, metavar="S",
                     help="time cap in seconds per measurement cell (default: the calibrator's, 0.5)")
+    ca.add_argument("--no-fixed", action="store_true",
+                    help="skip timing the model's fixed cost (its non-quantizable ops on one calibration "
+                         "sample, recorded as the profile's fixed cost named after --model)")
     ca.add_argument("--out", required=True, metavar="FILE", help="where to write the profile JSON")
 
     ap = sub.add_parser("apply", parents=[common], help="pack a model by a plan, write a model folder",
@@ -290,11 +299,14 @@ def cmd_plan(args) -> int:
     table = scored_table(spec.model, spec.calib_data, args.sensitivity, args.bits, seed=args.seed,
                          group_size=args.group_size, symmetric=not args.asymmetric,
                          cache=args.sensitivity_cache, sensitivity_opts=opts, quiet=args.quiet)
+    latency_opts = {k: v for k, v in (("latency_tokens", args.latency_tokens),
+                                      ("latency_fixed", args.latency_fixed)) if v is not None}
     try:
         plan = allocate(spec.model, budget_mb=budget_mb, calib_data=spec.calib_data, bits=args.bits,
                         solver=args.solver, latency_profile=args.profile, max_latency_ms=args.max_latency_ms,
                         max_bops=args.max_bops, seed=args.seed, group_size=args.group_size,
-                        symmetric=not args.asymmetric, tie=args.tie, keep=keep, sensitivity_table=table)
+                        symmetric=not args.asymmetric, tie=args.tie, keep=keep, sensitivity_table=table,
+                        **latency_opts)
     except InfeasibleBudgetError as e:
         small = e.smallest.get("size_mb") if isinstance(getattr(e, "smallest", None), dict) else None
         if budget_mb is None or small is None:
@@ -323,6 +335,16 @@ def cmd_calibrate(args) -> int:
     timing = {k: v for k, v in (("reps", args.reps), ("max_seconds", args.max_seconds)) if v is not None}
     prof = calibrate(spec.model, device=args.device, tokens=args.tokens, kernels=specs, quiet=args.quiet,
                      **timing)
+    if not args.no_fixed and spec.calib_data:
+        from .kernels.calibrate import measure_fixed_cost
+        from .sweep import first_sample
+        sample = first_sample(list(spec.calib_data)[0])
+        if args.device == "cuda":
+            from .sweep import to_device
+            spec.model.to("cuda")
+            sample = to_device(sample, "cuda")
+        prof.fixed[spec.name] = measure_fixed_cost(spec.model, sample, **timing)
+        log.info("fixed cost of %s (one sample): %.4f ms", spec.name, prof.fixed[spec.name]["median_ms"])
     prof.save(args.out)
     print(f"wrote {args.out}: {len(prof.entries)} timings ({len(prof.options)} options x shapes x "
           f"{len(args.tokens)} token counts) on {prof.device.get('type')} "

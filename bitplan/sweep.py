@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 __all__ = ["avg_bits_budget_mb", "resolve_keep", "scored_table", "size_range_mb", "sweep",
-           "measure_loss"]
+           "measure_loss", "first_sample", "to_device"]
 
 log = logging.getLogger("bitplan")
 
@@ -62,6 +62,28 @@ def resolve_keep(names: list[str], patterns) -> dict[str, int]:
                              f"e.g. {names[:5]}")
         keep.update({n: bits for n in hits})
     return keep
+
+
+def first_sample(batch):
+    """The batch cut to its first sample (leading dim 1) — tensor, tuple/list or dict of tensors."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:1]
+    if isinstance(batch, dict):
+        return {k: first_sample(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(first_sample(v) for v in batch)
+    return batch
+
+
+def to_device(batch, device):
+    """The batch with every tensor moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def scored_table(model, calib_data, method: str = "hessian", bits=(2, 3, 4, 8), loss_fn=None,

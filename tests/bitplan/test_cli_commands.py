@@ -119,13 +119,18 @@ def test_export_torchao_and_hf(work):
     assert merged["hidden_size"] == 64 and merged["quantization_config"] == hf
 
 
-def test_calibrate_writes_profile(tmp_path):
-    ok(run("calibrate", "--model", TINY, "--bits", "4,8", "--tokens", "1", "--reps", "3",
-           "--max-seconds", "0.02", "--quiet", "--out", tmp_path / "prof.json"))
+def test_calibrate_writes_profile_that_plan_uses(work):
+    ok(run("calibrate", "--model", TINY, "--tokens", "1", "--reps", "3",
+           "--max-seconds", "0.02", "--quiet", "--out", work / "prof.json"))
     from bitplan.kernels.profile import LatencyProfile
-    prof = LatencyProfile.load(tmp_path / "prof.json")
+    prof = LatencyProfile.load(work / "prof.json")
     assert {n for (_, n, _, _) in prof.entries} == {64, 16}            # the tiny model's N values
-    assert any(o.startswith("w4") for o in prof.options) and any(o.startswith("w8") for o in prof.options)
+    assert {o.split("@")[0] for o in prof.options} >= {"w2", "w3", "w4", "w8"}
+    assert list(prof.fixed) == [TINY]
+    ok(run("plan", "--model", TINY, "--avg-bits", "6", "--max-latency-ms", "1000", "--profile",
+           work / "prof.json", "--sensitivity-cache", work / "sens.json", "--out", work / "lat.json"))
+    plan = json.loads((work / "lat.json").read_text())
+    assert 0 < plan["predicted"]["latency_ms"] <= 1000 and plan["budgets"]["latency_ms"] == 1000
 
 
 def test_demo_on_a_model_spec(tmp_path):
