@@ -37,9 +37,11 @@ def test_allocate_digits_budget_and_exact_packed_size(digits_mlp):
     packed = bitplan.apply_plan_(copy.deepcopy(model), plan, mode="packed")
     assert model_nbytes(packed) == plan.predicted["size_bytes"]
     fake = bitplan.apply_plan_(copy.deepcopy(model), plan, mode="fake")
-    assert torch.equal(packed(Xte), fake(Xte))                       # packed numerics == fake quantization
+    with torch.no_grad():                 # real kernels run bf16 activations: close to fake quant, not equal
+        yp, yf = packed(Xte), fake(Xte)
+    assert 20 * torch.log10(yf.norm() / (yp - yf).norm()) > 25                      # SQNR floor, dB
     acc = lambda m: (m(Xte).argmax(1) == yte).float().mean().item()   # noqa: E731
-    assert acc(fake) > acc(model) - 0.05                             # a mid budget keeps accuracy
+    assert min(acc(fake), acc(packed)) > acc(model) - 0.05            # a mid budget keeps accuracy
     # label-free default works on the same model
     plan2 = bitplan.allocate(model, budget_mb=budget, calib_data=batches, sensitivity_opts={"max_probes": 8})
     assert plan2.predicted["size_bytes"] <= budget * MB and plan2.estimator["loss"].startswith("label-free")
