@@ -79,7 +79,7 @@ def _grad(outputs, inputs, grad_outputs, k: int, **kw):
 
 def _check(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
-        raise ValueError(f"{what} is not finite (NaN/inf gradients); check the model and calibration data")
+        raise ValueError(f"{what} is not finite (NaN/inf); check the model and calibration data")
 
 
 def _probe_chunk_weight(ctx, params, gens, nb):
@@ -113,8 +113,7 @@ def _probe_chunk_output(ctx, params, gens, nb):
     est = np.zeros((k, len(params)))
     seen = np.zeros(len(params), dtype=bool)
     for bi, batch in enumerate(ctx.batches):
-        checked_loss(ctx, batch, bi)                  # loss finite at the fp point (cheap, no grad)
-        t = ctx.loss_fn.output(ctx.model, batch)
+        t = ctx.loss_fn.output(ctx.model, batch)      # (the loss itself is 0 here: fp point)
         _check(t, f"model output on batch {bi}")
         w = ctx.loss_fn.hessian_sqrt(batch, _stacked(t.shape, gens)).to(t.dtype)
         gs = _grad([t], params, [w], k, allow_unused=True)
@@ -166,7 +165,9 @@ def hutchinson_traces(ctx: ScoreContext, tol: float = 0.05, min_probes: int = 8,
     if not seen.any():
         raise ValueError("no quantizable layer's weight gets a gradient from the loss; "
                          "the loss does not depend on any quantizable layer")
-    info = {"probe_mode": mode, "converged": converged,
+    tot = a.sum(1)                                                   # (probes,) Σ_l, = vᵀHv in "weight" mode
+    info = {"probe_mode": mode, "converged": converged, "total_trace": float(tot.mean()),
+            "total_trace_stderr": float(tot.std(ddof=1) / np.sqrt(len(tot))),
             "no_grad_layers": [n for n, s in zip(ctx.names, seen) if not s]}
     return tr, se, len(a), info
 

@@ -58,6 +58,9 @@ def resolve_loss(loss_fn, model: torch.nn.Module, batches: list):
             if t is None or not t.is_floating_point():
                 raise ValueError(f"{type(model).__name__} returned no floating-point tensor to compare; "
                                  "pass loss_fn=callable(model, batch)")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"the fp model's output on calibration batch {len(refs)} is not finite "
+                                 "(NaN/inf); check the model weights and calibration data")
             refs[id(b)] = t.detach()
             kinds.add(kind)
     kind = kinds.pop()

@@ -39,6 +39,14 @@ def test_nan_in_data_is_named(method, blocks_model, block_batches):
         score(blocks_model, bad, method=method, loss_fn=lambda m, b: m(b).pow(2).mean())
 
 
+@pytest.mark.parametrize("method", ["hessian", "fisher", "measured"])
+def test_nan_with_label_free_loss_is_named(method, net, batches):
+    bad = [b.clone() for b in batches]
+    bad[1][2, 3] = float("inf")
+    with pytest.raises(ValueError, match="batch 1 is not finite"):
+        score(net, bad, method=method)
+
+
 def test_nan_weight_is_named_by_zd(net):
     with torch.no_grad():
         net[2].weight[0, 0] = float("inf")
