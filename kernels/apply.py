@@ -85,14 +85,18 @@ def apply_plan_(model: nn.Module, plan, mode: str = "fake") -> nn.Module:
         n, k = w2d.shape
         kname, why = select_kernel(spec, n, k, w2d.device, kind)
         if why is not None:
-            fallbacks.append(f"{name} ({spec.label}, N={n}, K={k}): {why}")
+            fallbacks.append((why, f"{name} ({spec.label}, N={n}, K={k})"))
         with torch.no_grad():
             new = get_kernel(kname).from_module(mod, kind, w2d, spec)
         new.train(mod.training)
         _set_module(model, name, new)
         chosen[name] = new.kernel
     if fallbacks:
+        by_why: dict[str, list[str]] = {}
+        for why, layer in fallbacks:
+            by_why.setdefault(why, []).append(layer)
+        parts = [f"{why}: {len(ls)} layer(s), e.g. {', '.join(ls[:3])}" for why, ls in by_why.items()]
         warnings.warn(f"{len(fallbacks)} layer(s) run the reference 'dequant' path (no real kernel "
-                      "fits): " + "; ".join(fallbacks), RuntimeWarning, stacklevel=2)
+                      "fits) — " + "; ".join(parts), RuntimeWarning, stacklevel=2)
     model.bitplan_plan = plan.with_kernels(chosen)      # which kernel each layer actually runs
     return model

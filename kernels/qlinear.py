@@ -16,7 +16,8 @@ module in tests/kernels/test_qlinear.py:
 - int8_wo: int8 (N, K) = code − 128, fp16 scales (N, 1) [+ fp16 zeros (N, 1)] = the generic format.
 - int4_wo: kernel-packed int4 (N·K/2 bytes) + bf16 ``scales_and_zeros`` (K/G, N, 2). The kernel needs
   zeros even for symmetric specs, so symmetric int4 costs 2 bytes more per group than the generic
-  format; asymmetric int4 costs the same. Scales and zeros are the shared quantizer's fp16 values
+  format; asymmetric int4 costs the same. Per-channel specs run with G = the largest of
+  256/128/64/32 dividing K, the row's scale and zero repeated per group (4 bytes per group). Scales and zeros are the shared quantizer's fp16 values
   rounded to bf16 (relative error ≤ 2^-9), the codes are the quantizer's codes unchanged.
 - w8a8: int8 (N, K) (CPU: held only as oneDNN's prepacked copy; ``state_dict`` writes plain int8)
   + fp16 scales (N, 1) = the generic 8-bit per-channel format.
@@ -136,6 +137,14 @@ class Int8WeightOnly(_KernelLinear):
         return _finish(y, self.bias, x, n)
 
 
+def _int4_group(spec: QuantSpec, k: int) -> int | None:
+    """Kernel group size: the spec's, or for per-channel specs the largest of 256/128/64/32 dividing
+    K (the one scale and zero of a row are repeated in every group: same dequant, 4 B per group)."""
+    if spec.group_size is not None:
+        return spec.group_size
+    return next((g for g in sorted(INT4_GROUPS, reverse=True) if k % g == 0), None)
+
+
 def _inner_k_tiles(k: int) -> int | None:
     """tinygemm (CUDA) wants K % (inner_k_tiles * 16) == 0 with inner_k_tiles in {2, 4, 8}."""
     for t in (8, 4, 2):
@@ -156,7 +165,9 @@ class Int4WeightOnly(_KernelLinear):
             return why
         if spec.act_bits == 8:
             return "no int4 x int8 kernel (act_bits=8)"
-        g = spec.group_size or k
+        g = _int4_group(spec, k)
+        if g is None:
+            return f"per-channel int4 needs K % 32 == 0 (K={k})"
         if g not in INT4_GROUPS:
             return f"needs group_size in {list(INT4_GROUPS)} (group {g})"
         if k % g:
@@ -177,7 +188,7 @@ class Int4WeightOnly(_KernelLinear):
 
     @classmethod
     def nbytes(cls, spec, n, k):
-        g = spec.group_size or k
+        g = _int4_group(spec, k)
         return n * k // 2 + (k // g) * n * 2 * 2                   # int4 + bf16 (scale, zero) pairs
 
     @classmethod
@@ -185,10 +196,13 @@ class Int4WeightOnly(_KernelLinear):
         m = cls()
         m._setup(module, kind, w2d, spec)
         n, k = m.shape2d
-        m.group = spec.group_size or k
-        qt = quantize(w2d, 4, m.group, spec.symmetric)
+        m.group = _int4_group(spec, k)
+        qt = quantize(w2d, 4, spec.group_size, spec.symmetric)
         zeros = qt.zeros if qt.zeros is not None else torch.zeros_like(qt.scales)
-        sz = torch.stack([qt.scales, zeros], -1).transpose(0, 1)   # (G, N, 2)
+        sz = torch.stack([qt.scales, zeros], -1)                   # (N, G, 2)
+        if spec.group_size is None:                                # per channel: repeat per kernel group
+            sz = sz.expand(n, k // m.group, 2)
+        sz = sz.transpose(0, 1)                                    # (G, N, 2)
         m.register_buffer("scales_and_zeros", sz.to(torch.bfloat16).contiguous())
         if m.impl == "cpu":
             wp = torch._convert_weight_to_int4pack_for_cpu(qt.codes.to(torch.int32), 1)   # (N, K/2) u8

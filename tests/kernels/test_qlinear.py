@@ -36,6 +36,8 @@ CASES = [  # (spec, expected kernel on CPU for a 1536x384 linear)
     (QuantSpec(4, 32), "int4_wo"),
     (QuantSpec(4, 64, symmetric=False), "int4_wo"),
     (QuantSpec(4, 128), "int4_wo"),
+    (QuantSpec(4), "int4_wo"),                # per channel: scale repeated in 128-groups
+    (QuantSpec(4, symmetric=False), "int4_wo"),
     (QuantSpec(8, act_bits=8), "w8a8"),
     (QuantSpec(3, 128), "lowbit_unpack"),
     (QuantSpec(2, 32, symmetric=False), "lowbit_unpack"),
@@ -59,6 +61,12 @@ def test_kernel_matches_fake_quant_and_bytes(spec, kernel):
     # storage == prediction, exactly (bias is counted as an ordinary parameter)
     assert model_nbytes(m) - lin.bias.numel() * 4 == spec.nbytes(1536, 384, "cpu") \
         == get_kernel(kernel).nbytes(spec, 1536, 384)
+
+
+def test_int4_per_channel_repeats_scales_per_group():
+    s = QuantSpec(4)
+    assert s.nbytes(1536, 384) == 1536 * 192 + 1536 * 3 * 4            # 384 = 3 groups of 128
+    assert kernel_for(s, 1536, 48) == "dequant" and s.nbytes(1536, 48) == weight_nbytes(1536, 48, 4)
 
 
 def test_int4_symmetric_stores_zeros_and_size_says_so():
@@ -99,9 +107,10 @@ def test_packed_model_bytes_kernels_and_fallback_warning():
         size_table([l], [s])[0, 0] for l, s in zip(g.layers, specs))
     x = torch.randn(6, 64)
     fake = apply_plan_(copy.deepcopy(model), plan, mode="fake")
-    with pytest.warns(RuntimeWarning, match=r"b \(w4g32, N=24, K=128\): int4_wo: needs N % 16 == 0") as rec:
+    with pytest.warns(RuntimeWarning, match=r"int4_wo: needs N % 16 == 0 \(N=24\): 1 layer\(s\), "
+                      r"e.g. b \(w4g32, N=24, K=128\)") as rec:
         packed = apply_plan_(copy.deepcopy(model), plan, mode="packed")
-    assert "d (w4g32" in str(rec[0].message)                      # conv: reference path, named
+    assert "runs linear layers only (layer kind 'conv1d'): 1 layer(s), e.g. d (w4g32" in str(rec[0].message)
     assert model_nbytes(packed) == predicted
     kernels = {k: v.kernel for k, v in packed.bitplan_plan.layers.items()}
     assert kernels == {"a": "int4_wo", "b": "dequant", "c": "w8a8", "d": "dequant"}
