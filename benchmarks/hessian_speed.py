@@ -21,7 +21,7 @@ trace (Σ_l) and per-layer relative standard errors, each from the run's own pro
 Then the wall time and peak RSS of every estimator (``score`` end to end, own subprocess, cached by
 benchmarks/sensitivity_validity.py in benchmarks/out/).
 
-Run: python benchmarks/hessian_speed.py [--probes 16] [--threads 2] [--pyhessian-layers 2]
+Run: python benchmarks/hessian_speed.py [--probes 16] [--threads 2] [--pyhessian-layers 2] [--batches 4]
 The machine may be shared with other jobs: say so when quoting the numbers.
 """
 from __future__ import annotations
@@ -92,13 +92,14 @@ def main(argv=None):
     ap.add_argument("--probes", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pyhessian-layers", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=4, help="calibration batches used (of 4)")
     ap.add_argument("--skip-estimators", action="store_true", help="no per-estimator wall/RSS table")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from bitplan.models import load_model
     from bitplan.sensitivity.hessian import hutchinson_traces
     spec = load_model("minilm")
-    ctx = make_ctx(spec.model, spec.calib_data)
+    ctx = make_ctx(spec.model, spec.calib_data[:a.batches])
     P = a.probes
     rows = {}
 
@@ -160,13 +161,14 @@ def main(argv=None):
         from sensitivity_validity import BITS, METHODS, table
         print(f"\nevery estimator, score() end to end on MiniLM (bits {BITS}), own subprocess, "
               f"{a.threads} threads, shared machine:")
-        print(f"{'method':10} {'wall s':>8} {'peak RSS MiB':>13} {'RSS after load MiB':>19}  notes")
+        print(f"{'method':10} {'wall s':>8} {'CPU s':>8} {'peak RSS MiB':>13} {'RSS after load MiB':>19}  notes")
         for m in METHODS:
             t = table("minilm", m, a.threads, False)
             note = ""
             if m == "hessian":
                 note = f"probes={t.meta['probes']} mode={t.meta.get('probe_mode')} converged={t.meta.get('converged')}"
-            print(f"{m:10} {t.meta['bench_wall_s']:8.1f} {t.meta['bench_peak_rss_mib']:13.0f} "
+            print(f"{m:10} {t.meta['bench_wall_s']:8.1f} {t.meta.get('bench_cpu_s', float('nan')):8.1f} "
+                  f"{t.meta['bench_peak_rss_mib']:13.0f} "
                   f"{t.meta['bench_rss_before_mib']:19.0f}  {note}")
 
 

@@ -13,7 +13,8 @@ KL to the fp logits), every registered estimator scores all (layer, bits) pairs,
   rel_err = median |Σ pred − true| / true (only meaningful for tables in loss units: hessian, fisher,
   measured, decoupled); rel_err_fit = the same after the best single scale factor (median ratio),
   comparable for every estimator; rho_cfg = Spearman of Σ pred vs true over the configurations.
-- wall s and peak RSS (MiB) of each estimator, each run in its own subprocess on --threads threads.
+- wall s, CPU s (user+sys, all threads; less sensitive to other jobs than wall) and peak RSS (MiB,
+  the whole process incl. the loaded model) of each estimator, each in its own subprocess.
 
 Run:  python benchmarks/sensitivity_validity.py [--models minilm digits] [--fresh] [--threads 2]
 Tables are cached in benchmarks/out/sens_<model>_<method>.json (with wall time and RSS); --fresh
@@ -103,13 +104,14 @@ def worker(model_name: str, method: str, threads: int) -> None:
     torch.set_num_threads(threads)
     from bitplan.sensitivity import score
     model, calib, _, loss_fn, _ = SPECS[model_name]()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     t = score(model, calib, method=method, bits=BITS, loss_fn=loss_fn, seed=0)
     wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t.meta.update({"bench_wall_s": wall, "bench_peak_rss_mib": rss, "bench_rss_before_mib": rss0,
-                   "bench_threads": threads})
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru.ru_utime + ru.ru_stime) - (ru0.ru_utime + ru0.ru_stime)    # CPU seconds, all threads
+    t.meta.update({"bench_wall_s": wall, "bench_cpu_s": cpu, "bench_peak_rss_mib": ru.ru_maxrss / 1024,
+                   "bench_rss_before_mib": ru0.ru_maxrss / 1024, "bench_threads": threads})
     t.save(os.path.join(OUT, f"sens_{model_name}_{method}.json"))
 
 
@@ -181,7 +183,8 @@ def evaluate(model_name: str, threads: int, fresh: bool, n_cfg: int, seed: int =
         rows.append({"model": model_name, "method": m, "rho_calib": spearman(t.loss, meas),
                      "rho_held": spearman(t.loss, held_tab), "rel_err": float(np.median(rel)),
                      "rel_err_fit": float(np.median(rel_fit)), "rho_cfg": spearman(pred, true),
-                     "wall_s": t.meta["bench_wall_s"], "rss_mib": t.meta["bench_peak_rss_mib"],
+                     "wall_s": t.meta["bench_wall_s"], "cpu_s": t.meta.get("bench_cpu_s", float("nan")),
+                     "rss_mib": t.meta["bench_peak_rss_mib"],
                      "rss_before_mib": t.meta["bench_rss_before_mib"], "threads": t.meta["bench_threads"],
                      "layers": len(names), "configs": len(cfgs), **info})
     return rows
@@ -205,7 +208,7 @@ def main(argv=None) -> None:
     with open(os.path.join(OUT, "sensitivity_validity.json"), "w") as f:
         json.dump(rows, f, indent=1)
     hdr = (f"{'model':7} {'method':9} {'rho_calib':>9} {'rho_held':>8} {'add_rel_err':>11} "
-           f"{'add_err_fit':>11} {'rho_cfg':>7} {'wall_s':>7} {'peakRSS_MiB':>11}")
+           f"{'add_err_fit':>11} {'rho_cfg':>7} {'wall_s':>7} {'cpu_s':>7} {'peakRSS_MiB':>11}")
     print(f"torch {torch.__version__}, {a.threads} threads (shared machine), bits {BITS}")
     for m in a.models:
         extra = {k: v for k, v in rows[[r['model'] for r in rows].index(m)].items() if k == "test_accuracy"}
@@ -216,7 +219,7 @@ def main(argv=None) -> None:
         for r in rows:
             if r["model"] == m:
                 print(f"{r['model']:7} {r['method']:9} {r['rho_calib']:9.3f} {r['rho_held']:8.3f} "
-                      f"{r['rel_err']:11.3f} {r['rel_err_fit']:11.3f} {r['rho_cfg']:7.3f} {r['wall_s']:7.1f} "
+                      f"{r['rel_err']:11.3f} {r['rel_err_fit']:11.3f} {r['rho_cfg']:7.3f} {r['wall_s']:7.1f} {r['cpu_s']:7.1f} "
                       f"{r['rss_mib']:11.0f}")
 
 
