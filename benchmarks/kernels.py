@@ -8,10 +8,14 @@ re-measured when unstable). Weights are hot in cache (repeated calls on one laye
 
 "bytes-moved limit" at M=1: the layer must at least read its stored weight bytes (exact, from the
 size model) + bias; limit time = bytes / read bandwidth, the bandwidth measured here as the median
-time of summing a 512 MB fp32 tensor with the same thread count. fraction = limit / measured; > 1
-means the weights were served from cache faster than DRAM.
+time of ``torch.dot`` over a 512 MB fp32 tensor (the fastest of sum/amax/dot/copy tried) with the
+same thread count and clock. fraction = limit / measured; > 1 means the weights were served from
+cache (L2 2 MB/core, L3 480 MB shared on this machine) faster than DRAM.
 
-Run:  python benchmarks/kernels.py [--threads 1] [--out prof_kernels.json]
+Clock: ``--clock cpu`` (default; thread CPU time, 1 thread) or ``wall``. The 2 cores are shared
+(load average 5–10 while this was written), so wall time is mostly the neighbours' time slices.
+
+Run:  python benchmarks/kernels.py [--threads 1] [--clock cpu] [--out prof_kernels.json]
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bitplan.kernels.calibrate import calibrate          # noqa: E402
 from bitplan.kernels.formats import QuantSpec            # noqa: E402
 from bitplan.kernels.registry import kernel_for          # noqa: E402
+from bitplan.kernels.timing import clock_fn              # noqa: E402
 
 SHAPES = [(384, 384), (1536, 384), (384, 1536), (4096, 4096), (11008, 4096)]     # (N, K)
 SPECS = {"int8-wo": QuantSpec(8), "int4-wo g32": QuantSpec(4, 32), "int4-wo g128": QuantSpec(4, 128),
@@ -35,15 +40,15 @@ SPECS = {"int8-wo": QuantSpec(8), "int4-wo g32": QuantSpec(4, 32), "int4-wo g128
 COLS = ["fp32", "bf16"] + list(SPECS)
 
 
-def read_bandwidth(mb: int = 512, reps: int = 9) -> float:
-    """Bytes/s of reading a large fp32 tensor (torch.sum), median of ``reps``."""
+def read_bandwidth(clock, mb: int = 512, reps: int = 9) -> float:
+    """Bytes/s of reading a large fp32 tensor (torch.dot of it with itself), median of ``reps``."""
     x = torch.ones(mb * 2 ** 20 // 4)
-    x.sum()
+    torch.dot(x, x)
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        x.sum()
-        ts.append(time.perf_counter() - t0)
+        t0 = clock()
+        torch.dot(x, x)
+        ts.append(clock() - t0)
     return x.numel() * 4 / statistics.median(ts)
 
 
@@ -52,17 +57,23 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the 2 cores are shared)")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128])
     ap.add_argument("--out", default=None, help="also save the profile JSON here")
+    ap.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
+    ap.add_argument("--rotate-mb", type=float, default=8.0,
+                    help="MB of weights touched between two calls of one module copy (0 = hot cache)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     prof = calibrate(SHAPES, tokens=args.tokens, kernels=list(SPECS.values()),
-                     baselines=("fp32@dense", "bf16@dense"), repeat_check=2)
-    bw = read_bandwidth()
+                     baselines=("fp32@dense", "bf16@dense"), repeat_check=2, clock=args.clock,
+                     rotate_mb=args.rotate_mb)
+    bw = read_bandwidth(clock_fn(args.clock))
     if args.out:
         prof.save(args.out)
     key = {"fp32": "fp32@dense", "bf16": "bf16@dense"}
     print(f"device: {prof.device}")
+    print(f"clock={args.clock}  weights rotated through copies ({prof.meta['rotate_mb']} MB between reuses)"
+          f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"threads={args.threads}  read bandwidth {bw / 1e9:.1f} GB/s  calibration {time.perf_counter() - t0:.0f} s")
     print("cells: median µs per call (speedup vs fp32 / vs bf16); '*' = spread > 10 % after re-measuring\n")
     print("| K→N | M | " + " | ".join(COLS) + " |")
