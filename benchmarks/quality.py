@@ -290,7 +290,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on the shared 2-core box, 2 threads ran MiniLM ~5x slower)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-write RESULTS.md and the PNGs from <out>/results.json without re-running")
     args = ap.parse_args(argv)
+    if args.report_only:
+        with open(os.path.join(args.out, "results.json")) as f:
+            saved = json.load(f)
+        write_report(saved["tasks"], saved["env"], args.out)
+        return 0
     torch.set_num_threads(args.threads)
     tasks = args.tasks or (["digits_mlp", "charlm"] if args.quick else ["digits_mlp", "digits_cnn", "charlm", "minilm"])
     os.makedirs(args.out, exist_ok=True)

@@ -184,7 +184,7 @@ def plot_frontier(res, path: str) -> None:
             lab = next(r["label"] for r in res["rows"] if r["method"] == m)
             y = [(1 - p[1]) if metric == "cosine" else p[1] for p in pts]
             ax.plot([p[0] for p in pts], y, label=lab, **style[m])
-        ax.set_xlabel(f"packed model size ({u}, real bytes after apply_plan_ 'packed')")
+        ax.set_xlabel(f"model size after packing ({u}; budgets = uniform-3..8 sizes, grey lines)")
         if metric == "cosine":
             ax.set_ylabel("1 − cosine to fp32 (log; lower is better)")
             ax.set_yscale("log")
@@ -227,6 +227,10 @@ def write_report(results: list[dict], env: dict, out: str) -> None:
          "group g}; **bitplan best** is the candidate with the best mean rank over all budgets and metrics — "
          "selected on the same held-out data it is reported on (an optimistic choice among "
          f"{len(results[0].get('bitplan_candidates', {})) if results else 0} candidates; all candidates are listed).", ""]
+    notes = os.path.join(out, "ANALYSIS.md")        # hand-written reading of the committed run
+    if os.path.exists(notes):
+        with open(notes) as f:
+            L += [f.read().strip(), ""]
     for res in results:
         u = res["units"]
         L += [f"### {res['task']}", "",
