@@ -154,19 +154,24 @@ def sweep(model, calib_data, budgets_mb=None, points: int = 8, bits=(2, 3, 4, 8)
     """Pareto frontier over size budgets from ONE sensitivity table.
 
     For each budget (default: ``points`` sizes evenly spaced between all-min-bits and all-max-bits)
-    solve for a plan; record its predicted size, predicted loss increase (the solver's objective =
-    Σ table entries) and, when ``measure``, the loss measured with the plan fake-applied to a copy
-    of the model (on ``eval_data``, else the calibration batches). Uniform plans (every layer at one
-    option) are added as baselines. The model is never modified.
+    solve for a plan (``bitplan.allocator.frontier``: one problem, warm-started solves in increasing
+    budget order); record its predicted size, predicted loss increase (Σ of the table entries it
+    picks) and, when ``measure``, the loss measured with the plan fake-applied to a copy of the model
+    (on ``eval_data``, else the calibration batches). Uniform plans (every layer at one option) are
+    added as baselines. The model is never modified.
 
     Returns a JSON-ready dict: ``points`` (one per feasible budget), ``uniform``, ``metric`` (what the
     losses are), ``measured_on``, ``estimator``, ``bits``, ``base_loss`` (the unquantized model).
     """
-    from .api import allocate
+    from .allocator.frontier import frontier
+    from .api import build_problem
     from .batches import as_batches
-    from .costmodels import MB
-    from .errors import InfeasibleBudgetError
+    from .costmodels import MB, base_nbytes
+    from .demo import uniform_plan
+    from .graph import LayerGraph
     from .kernels.apply import apply_plan_
+    from .kernels.formats import QuantSpec
+    from .plan import Plan
     from .progress import progress_bar
     from .sensitivity.losses import resolve_loss
 
@@ -175,6 +180,12 @@ def sweep(model, calib_data, budgets_mb=None, points: int = 8, bits=(2, 3, 4, 8)
     if table is None:
         table = scored_table(model, batches, sensitivity, bits, loss_fn, seed, group_size, symmetric,
                              sensitivity_opts=sensitivity_opts, quiet=quiet)
+    graph = LayerGraph.build(model, batches[0], forward=loss_fn if callable(loss_fn) else None)
+    if table.names != graph.names or tuple(table.bits) != bits:
+        raise ValueError(f"sensitivity table ({len(table.names)} layers x {table.bits}) does not match the "
+                         f"model ({len(graph.names)} layers x {bits})")
+    specs = [QuantSpec(b, group_size, symmetric) for b in bits]
+    base = base_nbytes(model, graph.names)
     lo, hi = size_range_mb(model, bits, group_size, symmetric)
     if budgets_mb is None:
         if not isinstance(points, int) or points < 2:
@@ -190,31 +201,28 @@ def sweep(model, calib_data, budgets_mb=None, points: int = 8, bits=(2, 3, 4, 8)
             return None
         return measure_loss(apply_plan_(copy.deepcopy(model), plan, mode="fake"), metric_fn, eval_batches)
 
-    out_points, row = [], np.arange(len(table.names))
+    problem, _ = build_problem(graph, table, specs, base, budget_mb=hi * 2)
+    sols = frontier(problem, "size_bytes", [b * MB - base for b in budgets_mb], method=solver)
+    shapes = {l.name: list(l.weight_shape) for l in graph.layers}
+    n = np.array([l.n_params for l in graph.layers], dtype=float)                  # (L,)
+    out_points, row = [], np.arange(len(graph.names))
     with progress_bar("frontier", total=len(budgets_mb) + len(bits), unit="plan", quiet=quiet) as bar:
-        for b in budgets_mb:
-            try:
-                plan = allocate(model, budget_mb=float(b), calib_data=batches, bits=bits, solver=solver,
-                                seed=seed, group_size=group_size, symmetric=symmetric, sensitivity_table=table)
-            except InfeasibleBudgetError as e:
-                log.warning("budget %.6f MB skipped: %s", b, e)
-                bar.update()
+        for b, sol in zip(budgets_mb, sols):
+            bar.update()
+            if sol is None:
+                log.warning("budget %.6f MB skipped: infeasible (smallest %.6f MB)", b, lo)
                 continue
-            choice = np.array([bits.index(plan.bits[n]) for n in table.names])
-            n = np.array([np.prod(plan.meta["layer_shapes"][k]) for k in table.names], dtype=float)
+            plan = Plan(graph.fingerprint, {nm: specs[c] for nm, c in zip(graph.names, sol.choice)},
+                        {"size_bytes": float(base + sol.totals["size_bytes"])}, {"size_bytes": float(b) * MB},
+                        {"name": table.method}, {"name": sol.method, "status": sol.status},
+                        {"layer_shapes": shapes, "base_bytes": base})
             out_points.append({
                 "budget_mb": float(b), "size_mb": plan.predicted["size_bytes"] / MB,
-                "predicted_loss": float(table.loss[row, choice].sum()), "measured_loss": measured(plan),
-                "avg_bits": float((n * np.array(bits)[choice]).sum() / n.sum()),
-                "solver_status": plan.solver.get("status"), "gap": plan.solver.get("gap"),
-                "bits": plan.bits})
-            bar.update()
+                "predicted_loss": float(table.loss[row, sol.choice].sum()), "measured_loss": measured(plan),
+                "avg_bits": float((n * np.array(bits)[sol.choice]).sum() / n.sum()),
+                "solver": sol.method, "solver_status": sol.status,
+                "gap": float(sol.gap) if np.isfinite(sol.gap) else None, "bits": plan.bits})
         uniform = []
-        from .demo import uniform_plan
-        from .graph import LayerGraph
-        graph = LayerGraph.build(model)
-        from .costmodels import base_nbytes
-        base = base_nbytes(model, graph.names)
         for j, b in enumerate(bits):
             up = uniform_plan(graph, b, group_size, symmetric, base)
             uniform.append({"bits": b, "size_mb": up.predicted["size_bytes"] / MB,
@@ -223,4 +231,4 @@ def sweep(model, calib_data, budgets_mb=None, points: int = 8, bits=(2, 3, 4, 8)
     return {"points": out_points, "uniform": uniform, "bits": list(bits), "estimator": table.method,
             "metric": metric or None, "measured_on": None if not measure else
             ("eval data" if eval_data is not None else "calibration batches"),
-            "base_loss": base_loss, "size_range_mb": [lo, hi], "layers": list(table.names)}
+            "base_loss": base_loss, "size_range_mb": [lo, hi], "layers": list(graph.names)}
