@@ -126,11 +126,13 @@ def _quant_args(p):
 
 def _score_args(p):
     p.add_argument("--sensitivity", default="hessian", metavar="NAME",
-                   help="sensitivity estimator (default hessian = HAWQ-V3 Hutchinson traces)")
+                   help="sensitivity estimator: hessian (default, HAWQ-V3 Hutchinson traces), fisher, "
+                        "measured, decoupled, lim, zd, ... (an unknown name lists the installed ones)")
     p.add_argument("--max-probes", type=_positive_int, default=None, metavar="N",
                    help="hessian only: cap on Hutchinson probes (one Hessian-vector product each; "
                         "estimator default 64)")
-    p.add_argument("--solver", default="ilp", metavar="NAME", help="allocation solver (default ilp)")
+    p.add_argument("--solver", default="ilp", metavar="NAME", help="allocation solver: ilp (default, PuLP + CBC), highs, dp, lagrange, auto, ... "
+                        "(an unknown name lists the installed ones)")
     p.add_argument("--seed", type=int, default=0, help="random seed for probes and sampling (default 0)")
     p.add_argument("--sensitivity-cache", metavar="FILE",
                    help="sensitivity table JSON: loaded if FILE exists (no re-scoring), else scored and "
