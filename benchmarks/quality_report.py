@@ -162,44 +162,47 @@ def _table_full(res) -> list[str]:
 
 
 def plot_frontier(res, path: str) -> None:
-    """Size (packed) vs each metric, one panel per metric, PNG."""
+    """Size vs each metric, one panel per metric (+ a linear zoom on u4..u8 for perplexity), PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    mets = res["metrics"]
-    fig, axes = plt.subplots(1, len(mets), figsize=(6.5 * len(mets), 4.6), squeeze=False)
+    panels = [(m, False) for m in res["metrics"]] + ([("perplexity", True)] if "perplexity" in res["metrics"] else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
     u = res["units"]
     scale = 1e6 if u == "MB" else 1e3
+    zoom_from = res["budgets"].get("4", 0) * 0.98
     style = {"uniform": dict(color="black", marker="o", lw=2), "random_mean": dict(color="gray", marker=".", ls="--"),
              "random_worst": dict(color="gray", marker="x", ls=":"), "hawq_v3": dict(color="tab:blue", marker="s"),
              "modelopt": dict(color="tab:green", marker="^"), "lwq_lim": dict(color="tab:purple", marker="v"),
              "lwq_zd": dict(color="tab:pink", marker="<"), "calibtip": dict(color="tab:orange", marker="D"),
              "bitplan_best": dict(color="tab:red", marker="*", lw=2.5, ms=11)}
-    for ax, metric in zip(axes[0], mets):
+    for ax, (metric, zoom) in zip(axes[0], panels):
         for m in [x for x in _methods(res) if x in style]:
             pts = sorted((r["size_bytes"] / scale, r["metrics"][metric]) for r in res["rows"]
-                         if r["method"] == m and r["metrics"])
-            if not pts:
+                         if r["method"] == m and r["metrics"] and (not zoom or r["size_bytes"] >= zoom_from))
+            if not pts or (zoom and m.startswith("random")):
                 continue
             lab = next(r["label"] for r in res["rows"] if r["method"] == m)
             y = [(1 - p[1]) if metric == "cosine" else p[1] for p in pts]
             ax.plot([p[0] for p in pts], y, label=lab, **style[m])
-        ax.set_xlabel(f"model size after packing ({u}; budgets = uniform-3..8 sizes, grey lines)")
+        ax.set_xlabel(f"model size after packing ({u}); grey lines = budgets u3..u8")
         if metric == "cosine":
             ax.set_ylabel("1 − cosine to fp32 (log; lower is better)")
             ax.set_yscale("log")
         elif metric in ("perplexity", "cross_entropy"):
-            ax.set_ylabel(f"{PRETTY[metric]} (log; lower is better)")
-            ax.set_yscale("log")
+            ax.set_ylabel(f"{PRETTY[metric]} ({'linear' if zoom else 'log'}; lower is better)")
+            if not zoom:
+                ax.set_yscale("log")
             ref = res["fp32"][metric]
-            ax.axhline(ref, color="k", lw=0.8, ls="-.", label=f"fp32 ({ref:.3g})")
+            ax.axhline(ref, color="k", lw=0.8, ls="-.", label=f"fp32 ({ref:.4g})")
         else:
             ax.set_ylabel(f"{PRETTY.get(metric, metric)} (higher is better)")
             ax.axhline(res["fp32"][metric], color="k", lw=0.8, ls="-.", label=f"fp32 ({res['fp32'][metric]:.3g})")
         for b, v in res["budgets"].items():
-            ax.axvline(v / scale, color="0.85", lw=0.6, zorder=0)
+            if not zoom or v >= zoom_from:
+                ax.axvline(v / scale, color="0.85", lw=0.6, zorder=0)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{res['task']}: {PRETTY.get(metric, metric)}")
+        ax.set_title(f"{res['task']}: {PRETTY.get(metric, metric)}" + (", zoom u4..u8 (random off-scale)" if zoom else ""))
     axes[0][0].legend(fontsize=7.5, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
