@@ -6,7 +6,8 @@ same as packed) on held-out data, and its size is the REAL byte count of
 ``apply_plan_(copy, plan, "packed")`` measured with ``costmodels.model_nbytes`` (checked equal to the
 prediction). Estimators are scored once per task and re-solved at every budget.
 
-    python benchmarks/quality.py                  # full: 4 models, 6 budgets (~20-30 min on 2 cores)
+    python benchmarks/quality.py                  # full: 4 models, 6 budgets (~9 min on 2 cores with cached
+                                                  # weights; ~20 min with the one-time training)
     python benchmarks/quality.py --quick --out /tmp/q    # smoke test: 2 tiny models, 2 budgets
 
 Writes ``<out>/RESULTS.md`` (tables + claims), ``<out>/results.json``, ``<out>/frontier_<task>.png``.
