@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import statistics
 import sys
 import time
 import warnings
@@ -274,7 +275,6 @@ def calibrate_model(model: nn.Module, batch, specs=None, forward=None, reps: int
     from ..graph import LayerGraph, fingerprint
     from ..plan import Plan
     from .apply import apply_plan_
-    import statistics
     run = forward or run_model
     clk = clock_fn(clock)
     g = LayerGraph.build(model, batch, forward=forward)

@@ -142,7 +142,7 @@ def test_calibrate_model_in_context():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).eval()
     x = torch.randn(8, 64)
-    specs = [QuantSpec(8), QuantSpec(4, 32), QuantSpec(24 // 8)]
+    specs = [QuantSpec(8), QuantSpec(4, 32), QuantSpec(3)]
     prof = calibrate_model(model, x, specs, reps=3, fixed_name="toy", quiet=True)
     assert {(n, k, m) for _, n, k, m in prof.entries} == {(128, 64, 8), (64, 128, 8)}
     assert set(prof.options) == {"fp32@dense", "w8@int8_wo", "w4g32@int4_wo", "w3@lowbit_unpack"}
