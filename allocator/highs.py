@@ -90,6 +90,9 @@ def _set_options(h, time_limit, threads, msg):
     # "optimal" also passes our own check; feasibility 1e-9 of a budget's free part <= Tables.tol
     opts = {"output_flag": bool(msg), "mip_rel_gap": 0.5 * OPT_RTOL, "mip_abs_gap": 1e-6,
             "presolve_rule_off": 32768,              # probing overruns time limits (SOLVERS.md)
+            # RINS sub-MIPs hung past time_limit (and past the interrupt callback) on a
+            # 1000-row, 3-budget table here; without RINS the same hard cases proved faster
+            "mip_heuristic_run_rins": False,
             "mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9,
             "random_seed": 0}
     if time_limit is not None:
@@ -125,6 +128,13 @@ def run(t: Tables, time_limit: float | None = 60.0, start: np.ndarray | None = N
         x0[col_of[np.arange(R) * B + np.asarray(start)]] = 1.0
         h.setSolution(len(cells), np.arange(len(cells), dtype=np.int32), x0)
     build_s = time.perf_counter() - t0
+    if time_limit is not None:              # HiGHS's own limit is not always checked (sub-MIPs)
+        deadline = time.perf_counter() + float(time_limit)
+
+        def _stop(e):
+            if time.perf_counter() > deadline:
+                e.interrupt()
+        h.cbMipInterrupt += _stop
     h.run()
     status = h.modelStatusToString(h.getModelStatus())
     info = h.getInfo()

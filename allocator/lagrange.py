@@ -8,7 +8,7 @@ so every evaluated λ gives a valid lower bound (weak duality); ``bound`` is the
 * one budget: d is concave piecewise linear in λ; bisection on the sign of its subgradient
   (total cost − budget) converges to the maximiser λ*.
 * several budgets: a trust-region cutting-plane (bundle) method maximises d; the master problem is a
-  (K+1)-variable LP solved with scipy's HiGHS.
+  (K+1)-variable LP solved with highspy.
 The primal plan is the argmin at λ (on the feasible side), repaired to feasibility and improved
 greedily with λ as prices (``greedy.py``). Tables are normalised (``common.Tables``) so λ ~ O(1).
 
@@ -106,8 +106,10 @@ def _bisect(dual: _Dual, k: int, K: int, iters: int, deadline) -> float:
 
 def _bundle(dual: _Dual, K: int, iters: int, deadline, tol: float) -> None:
     """Trust-region cutting planes on d(λ), λ in R^K_+ (every evaluation stays a valid bound)."""
-    from scipy.optimize import linprog
+    import highspy
 
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
     d_c, center, _ = dual.best
     delta = np.maximum(np.max([c[0] for c in dual.cuts], axis=0), 1e-3)       # (K,)
     for _ in range(iters):
@@ -116,15 +118,23 @@ def _bundle(dual: _Dual, K: int, iters: int, deadline, tol: float) -> None:
         lams = np.array([c[0] for c in dual.cuts])                   # (n, K)
         ds = np.array([c[1] for c in dual.cuts])
         gs = np.array([c[2] for c in dual.cuts])
-        # variables (λ_1..λ_K, τ): max τ  s.t.  τ − g_i·λ <= d_i − g_i·λ_i
-        A = np.hstack([-gs, np.ones((len(ds), 1))])
-        b = ds - np.einsum("ij,ij->i", gs, lams)
-        bounds = [(max(0.0, center[k] - delta[k]), center[k] + delta[k]) for k in range(K)]
-        res = linprog(np.r_[np.zeros(K), -1.0], A_ub=A, b_ub=b, bounds=bounds + [(None, None)],
-                      method="highs")
-        if res.status != 0:
+        n = len(ds)
+        # master LP, variables (λ_1..λ_K, τ): max τ  s.t.  τ − g_i·λ <= d_i − g_i·λ_i,  λ in the box
+        A = np.hstack([-gs, np.ones((n, 1))])                        # (n, K+1), column-wise below
+        lo = np.r_[np.maximum(0.0, center - delta), -np.inf]
+        hi = np.r_[center + delta, np.inf]
+        h.clearModel()
+        h.passModel(K + 1, n, n * (K + 1), int(highspy.MatrixFormat.kColwise),
+                    int(highspy.ObjSense.kMinimize), 0.0, np.r_[np.zeros(K), -1.0], lo, hi,
+                    np.full(n, -np.inf), ds - np.einsum("ij,ij->i", gs, lams),
+                    np.arange(0, n * (K + 1) + 1, n, dtype=np.int32),
+                    np.tile(np.arange(n, dtype=np.int32), K + 1), np.ascontiguousarray(A.T).ravel(),
+                    np.zeros(K + 1, dtype=np.int32))
+        h.run()
+        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
             break
-        lam_new, pred = res.x[:K], -res.fun - d_c
+        x = np.asarray(h.getSolution().col_value)
+        lam_new, pred = x[:K], x[K] - d_c
         if pred <= tol * max(1.0, abs(d_c)):
             at_edge = np.any(np.isclose(lam_new, center + delta, rtol=1e-9, atol=0))
             if not at_edge:
