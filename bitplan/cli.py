@@ -231,15 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", parents=[common], help="export a plan as torchao or HF quantization config",
                         description="torchao: the FqnToConfig JSON (torchao's config_to_dict layout; load with "
                                     "config_from_dict and quantize_). hf: a transformers TorchAoConfig "
-                                    "quantization_config with per-module overrides.")
+                                    "quantization_config with per-module overrides (load with "
+                                    "TorchAoConfig.from_dict and pass to from_pretrained).")
     ex.add_argument("plan", type=_existing_file, metavar="PLAN", help="plan JSON from `bitplan plan`")
     ex.add_argument("--to", required=True, choices=["torchao", "hf"], help="target format")
     ex.add_argument("--out", required=True, metavar="FILE", help="where to write the JSON")
     ex.add_argument("--strip-prefix", default="", metavar="PREFIX",
                     help="remove this prefix from layer names (e.g. 'encoder.' for the built-in minilm, "
                          "to match the bare Hugging Face model)")
-    ex.add_argument("--into", type=_existing_file, metavar="CONFIG_JSON",
-                    help="hf only: also write the quantization_config into this HF config.json")
 
     dm = sub.add_parser("demo", parents=[common], help="whole pipeline on the built-in MiniLM model, offline",
                         description="Score, solve and apply on all-MiniLM-L6-v2; compare with uniform baselines.")
@@ -422,20 +421,15 @@ def cmd_show(args) -> int:
 
 def cmd_export(args) -> int:
     import json
-    from .export import merge_hf_config, to_hf_quantization_config, to_torchao_dict, torchao_version
+    from .export import to_hf_quantization_config, to_torchao_dict, torchao_version
     from .plan import Plan, atomic_write_text
-    if args.into and args.to != "hf":
-        raise _UsageError("--into is only for --to hf")
     plan = Plan.load(args.plan)
     d = to_torchao_dict(plan, args.strip_prefix) if args.to == "torchao" else \
         to_hf_quantization_config(plan, args.strip_prefix)
     atomic_write_text(args.out, json.dumps(d, indent=2, sort_keys=True) + "\n")
-    if args.into:
-        merge_hf_config(args.into, d)
     ver = torchao_version()
     print(f"wrote {args.out} ({args.to}; " + (f"built with torchao {ver})" if ver else
-                                               "torchao not importable: torchao 0.18 layout written by hand)")
-          + (f"; updated {args.into}" if args.into else ""))
+                                               "torchao not importable: torchao 0.18 layout written by hand)"))
     return 0
 
 

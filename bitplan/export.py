@@ -4,14 +4,17 @@ torchao (``--to torchao``): one ``IntxWeightOnlyConfig`` per layer (weight dtype
 ``PerGroup(group_size)`` or ``PerAxis(0)`` per output channel, SYMMETRIC / ASYMMETRIC mapping), or
 ``Int8DynamicActivationIntxWeightConfig`` for W8A8 layers (``act_bits=8``: symmetric per-token
 int8 activations, as bitplan's kernels do). Layers kept at 16 bits are left out (not quantized).
+Keys are weight parameter FQNs (``"encoder.layer.0.attention.self.query.weight"``).
 The file is what torchao's ``config_to_dict(FqnToConfig(...))`` writes, so
 ``quantize_(model, config_from_dict(json.load(f)), filter_fn=None)`` applies the same bits.
 When torchao is importable its own classes build and serialise the config; otherwise the same
 layout is written by hand (tested equal to torchao 0.18.0's output).
 
 HF (``--to hf``): ``{"quant_method": "torchao", "quant_type": {"default": <FqnToConfig dict>}, ...}``,
-the dict ``transformers.TorchAoConfig.to_dict()`` produces; put it under ``quantization_config`` in
-a model's ``config.json`` (``merge_hf_config`` does that) and ``TorchAoConfig.from_dict`` reads it.
+the dict ``transformers.TorchAoConfig.to_dict()`` produces. Quantize an fp checkpoint while loading
+it with ``AutoModel.from_pretrained(folder, quantization_config=TorchAoConfig.from_dict(d))``
+(tested: every Linear gets its planned bits). Do not paste it into an fp checkpoint's
+``config.json``: transformers then takes the checkpoint for an already-quantized one and fails.
 Per-module overrides are the FqnToConfig entries; fp16 layers go to ``modules_to_not_convert``.
 
 Only 2-D weights (Linear) are exported: torchao's Intx configs group conv weights differently from
@@ -25,12 +28,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
-from .plan import Plan, atomic_write_text
+from .plan import Plan
 
-__all__ = ["to_torchao_dict", "torchao_config", "to_hf_quantization_config", "merge_hf_config",
-           "exportable_layers", "torchao_version", "TARGETS"]
+__all__ = ["to_torchao_dict", "torchao_config", "to_hf_quantization_config", "exportable_layers",
+           "torchao_version", "TARGETS"]
 
 log = logging.getLogger("bitplan")
 
@@ -50,7 +52,11 @@ def torchao_version() -> str | None:
 
 
 def exportable_layers(plan: Plan, strip_prefix: str = "") -> tuple[dict, list[str]]:
-    """({exported fqn: LayerPlan} for quantized 2-D layers, [skipped fqns with the reason])."""
+    """({weight parameter fqn: LayerPlan} for quantized 2-D layers, [skipped layers with the reason]).
+
+    Keys are parameter FQNs (``"fc1.weight"``): torchao's ``quantize_`` accepts them and
+    transformers' ``from_pretrained(..., quantization_config=TorchAoConfig)`` needs them (with module
+    FQNs it also tries to quantize the bias and fails, transformers 5.23 + torchao 0.18)."""
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a bitplan.Plan, got {type(plan).__name__}")
     shapes = plan.meta.get("layer_shapes", {})
@@ -65,7 +71,7 @@ def exportable_layers(plan: Plan, strip_prefix: str = "") -> tuple[dict, list[st
         if spec.bits == 16:
             skipped.append(f"{fqn} (kept in fp16: not quantized)")
             continue
-        out[name] = spec
+        out[name + ".weight"] = spec        # parameter FQN: what transformers' torchao loader matches
     return out, skipped
 
 
@@ -140,17 +146,3 @@ def to_hf_quantization_config(plan: Plan, strip_prefix: str = "", use_torchao: b
             "quant_type": {"default": to_torchao_dict(plan, strip_prefix, use_torchao)},
             "modules_to_not_convert": fp16 or None,
             "include_input_output_embeddings": False, "untie_embedding_weights": False}
-
-
-def merge_hf_config(config_json, quantization_config: dict) -> None:
-    """Write ``quantization_config`` into an HF ``config.json`` (atomically; other keys untouched)."""
-    path = os.fspath(config_json)
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such HF config.json") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    cfg["quantization_config"] = quantization_config
-    atomic_write_text(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")

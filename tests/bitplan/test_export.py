@@ -8,8 +8,7 @@ import warnings
 import pytest
 import torch
 
-from bitplan.export import (exportable_layers, merge_hf_config, to_hf_quantization_config, to_torchao_dict,
-                            torchao_version)
+from bitplan.export import exportable_layers, to_hf_quantization_config, to_torchao_dict, torchao_version
 from bitplan.kernels.formats import QuantSpec
 from bitplan.plan import Plan
 
@@ -25,35 +24,32 @@ def make_plan():
 
 def test_exportable_layers_skip_conv_and_fp16():
     layers, skipped = exportable_layers(make_plan())
-    assert set(layers) == {"fc1", "fc2", "fc3", "head"}
+    assert set(layers) == {"fc1.weight", "fc2.weight", "fc3.weight", "head.weight"}
     assert any(s.startswith("conv ") for s in skipped) and any(s.startswith("keep16 ") for s in skipped)
 
 
 def test_hand_built_layout():
     d = to_torchao_dict(make_plan(), use_torchao=False)
     assert d["_type"] == "FqnToConfig" and d["_data"]["fqn_to_config"] == d["_data"]["module_fqn_to_config"]
-    fc1 = d["_data"]["fqn_to_config"]["fc1"]
+    fc1 = d["_data"]["fqn_to_config"]["fc1.weight"]
     assert fc1["_type"] == "IntxWeightOnlyConfig"
     assert fc1["_data"]["weight_dtype"] == {"_type": "torch.dtype", "_data": "int3"}
     assert fc1["_data"]["granularity"]["_data"] == {"group_size": 32}
-    fc2 = d["_data"]["fqn_to_config"]["fc2"]["_data"]
+    fc2 = d["_data"]["fqn_to_config"]["fc2.weight"]["_data"]
     assert fc2["granularity"]["_type"] == "PerAxis" and fc2["mapping_type"]["_data"] == "ASYMMETRIC"
     json.dumps(d)                                              # JSON-ready
 
 
-def test_strip_prefix_and_hf_layout(tmp_path):
+def test_strip_prefix_and_hf_layout():
     plan = make_plan()
     wrapped = Plan(plan.model_fingerprint, {"encoder." + k: v for k, v in plan.layers.items()},
                    plan.predicted, meta={"layer_shapes": {"encoder." + k: v for k, v in
                                                           plan.meta["layer_shapes"].items()}})
     hf = to_hf_quantization_config(wrapped, strip_prefix="encoder.", use_torchao=False)
     assert hf["quant_method"] == "torchao" and list(hf["quant_type"]) == ["default"]
-    assert set(hf["quant_type"]["default"]["_data"]["fqn_to_config"]) == {"fc1", "fc2", "fc3", "head"}
+    assert set(hf["quant_type"]["default"]["_data"]["fqn_to_config"]) == {"fc1.weight", "fc2.weight",
+                                                                          "fc3.weight", "head.weight"}
     assert hf["modules_to_not_convert"] == ["keep16"]
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"architectures": ["X"]}))
-    merge_hf_config(cfg, hf)
-    assert json.loads(cfg.read_text()) == {"architectures": ["X"], "quantization_config": hf}
 
 
 def test_nothing_to_export_is_an_error():
@@ -94,7 +90,7 @@ def test_torchao_quantize_applies_the_same_bits(use_torchao):
         warnings.simplefilter("ignore")
         quantize_(model, cfg, filter_fn=None)
     for name, spec in plan.layers.items():
-        w = model.get_submodule(name).weight
+        w = model.get_submodule(name).weight        # plan keys are module names; export keys add ".weight"
         assert w.target_dtype == getattr(torch, f"int{spec.bits}"), name
         assert tuple(w.block_size) == (1, spec.group_size or w.shape[1]), name
         lo, hi = int(w.qdata.min()), int(w.qdata.max())
@@ -112,5 +108,27 @@ def test_hf_config_round_trips_through_transformers():
     cfg = TorchAoConfig.from_dict(hf)
     assert isinstance(cfg.quant_type, FqnToConfig)
     got = {k: v.weight_dtype for k, v in cfg.quant_type.fqn_to_config.items()}
-    assert got == {k: getattr(torch, f"int{plan.layers[k].bits}") for k in ("fc1", "fc2", "fc3", "head")}
+    assert got == {f"{k}.weight": getattr(torch, f"int{plan.layers[k].bits}") for k in ("fc1", "fc2", "fc3", "head")}
     assert cfg.to_dict()["quant_type"] == hf["quant_type"]
+
+
+def test_hf_from_pretrained_quantizes_each_linear_to_its_bits(tmp_path):
+    """An fp HF checkpoint loaded with the exported quantization_config gets the planned bits."""
+    _torchao()
+    from transformers import AutoModel, BertConfig, BertModel, TorchAoConfig
+    torch.manual_seed(0)
+    fp = BertModel(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=128)).eval()
+    fp.save_pretrained(tmp_path)
+    names = [n for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear)]
+    bits = {n: (2, 3, 4, 8)[i % 4] for i, n in enumerate(names)}
+    plan = Plan("f", {"encoder." + n: QuantSpec(b, 32) for n, b in bits.items()},       # SentenceEncoder names
+                meta={"layer_shapes": {"encoder." + n: list(fp.get_submodule(n).weight.shape) for n in names}})
+    hf = json.loads(json.dumps(to_hf_quantization_config(plan, strip_prefix="encoder.")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = AutoModel.from_pretrained(tmp_path, quantization_config=TorchAoConfig.from_dict(hf))
+    assert {n: q.get_submodule(n).weight.target_dtype for n in names} == \
+        {n: getattr(torch, f"int{b}") for n, b in bits.items()}
+    with torch.no_grad():
+        assert torch.isfinite(q(torch.tensor([[1, 2, 3]])).last_hidden_state).all()
