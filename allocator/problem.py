@@ -138,7 +138,10 @@ class Problem:
         """Contract tie groups into single rows (tables summed, allowed intersected).
 
         Returns ``(problem_without_ties, row_of)`` where ``row_of[l]`` is the reduced row of layer l;
-        a reduced choice ``c`` expands to ``c[row_of]``.
+        a reduced choice ``c`` expands to ``c[row_of]``. Without ties this is ``(self, arange(L))``
+        (fixed choices are already encoded in ``allowed``): no copy of 10^6-row tables.
+
+        Example: ``red, row_of = p.reduced(); choice = red_choice[row_of]``
         """
         L = self.loss.shape[0]
         groups = self.tie_groups()
