@@ -40,7 +40,7 @@ import copy
 import torch
 from torch import nn
 
-from .actquant import quantize_act
+from .actquant import quantize_act, quantize_act_u8
 from .formats import FP16_BITS, QuantSpec, weight_nbytes
 from .lowbit import unpack_fast
 from .packed import FP16Layer, PackedLayer, layer_geometry
@@ -317,14 +317,14 @@ class W8A8(_KernelLinear):
     def forward(self, x):
         n, k = self.shape2d
         x2 = x.reshape(-1, k)                                                     # (M, K)
-        xq, sx = quantize_act(x2, 8)                                              # int8 (M, K), (M, 1)
         sw = self.scales.reshape(-1).float()                                      # (N,)
         if self.impl == "cpu":
-            xu = (xq.to(torch.int16) + 128).to(torch.uint8)
+            xu, sx = quantize_act_u8(x2)                                          # uint8 (M, K), (M, 1)
             y = torch.ops.onednn.qlinear_pointwise(
                 xu, 1.0, 128, self.weight_packed, sw, torch.zeros(1, dtype=torch.int64), None,
                 1.0, 0, torch.float32, "none", [], "")                            # (M, N) fp32
         else:
+            xq, sx = quantize_act(x2, 8)                                          # int8 (M, K), (M, 1)
             m = xq.shape[0]
             if m <= 16:
                 xq = torch.cat([xq, xq.new_zeros(17 - m, k)])

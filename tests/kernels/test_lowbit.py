@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bitplan.kernels.actquant import fake_quantize_act, quantize_act
+from bitplan.kernels.actquant import fake_quantize_act, quantize_act, quantize_act_u8
 from bitplan.kernels.lowbit import unpack_fast
 from bitplan.kernels.quantizer import pack, unpack
 
@@ -30,5 +30,7 @@ def test_act_quant_per_token():
     xr = fake_quantize_act(x, 8)
     assert ((xr - x).abs() <= s / 2 + 1e-12).all()
     assert fake_quantize_act(x, None) is x and fake_quantize_act(x, 16) is x
+    u, s2 = quantize_act_u8(x)
+    assert torch.equal(u.to(torch.int16) - 128, q.to(torch.int16)) and torch.equal(s2, s)
     with pytest.raises(ValueError, match="act_bits=4"):
         quantize_act(x, 4)
