@@ -97,8 +97,9 @@ def plot_frontier(front: dict, path, title: str | None = None) -> str:
 
 def plot_bits(plan, path, title: str | None = None) -> str:
     """Bar chart of each layer's weight bits in network order (x = depth), coloured by bit-width."""
+    from .report import depth_order
     plt = _plt()
-    names = list(plan.layers)
+    names, recorded = depth_order(plan.layers)
     bits = [plan.layers[n].bits for n in names]
     fig, ax = plt.subplots(figsize=(max(6, min(24, 0.22 * len(names) + 3)), 4))
     ax.bar(range(len(names)), bits, color=[_BIT_COLORS.get(b, "#333333") for b in bits], width=0.85)
@@ -109,7 +110,8 @@ def plot_bits(plan, path, title: str | None = None) -> str:
     ax.set_ylabel("weight bits")
     ax.set_yticks(sorted(set(bits) | {0}))
     pre = _common_prefix(names)
-    ax.set_xlabel("layer (network order)" + (f", prefix '{pre}' omitted" if pre else ""))
+    ax.set_xlabel(("layer (network order)" if recorded else "layer (by name, block numbers in numeric order)")
+                  + (f", prefix '{pre}' omitted" if pre else ""))
     size = plan.predicted.get("size_bytes")
     ax.set_title(title or f"bits per layer — {len(names)} layers"
                  + (f", predicted size {size / 1e6:.3f} MB" if size is not None else ""), fontsize=10)

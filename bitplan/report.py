@@ -5,11 +5,29 @@ Example:
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
 
-__all__ = ["format_plan", "format_sensitivity", "layer_rows"]
+__all__ = ["format_plan", "format_sensitivity", "layer_rows", "depth_order"]
+
+
+def _natural(name: str):
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def depth_order(names) -> tuple[list[str], bool]:
+    """(names in network order as well as known, whether that order is the recorded one).
+
+    A plan read from JSON has its layers sorted by name (``sort_keys``), which puts ``layer.10`` before
+    ``layer.2``; such a list is re-sorted with numbers compared as numbers (block order is then right,
+    order inside a block is by name). Any other order is taken as the recorded network order.
+    """
+    names = list(names)
+    if len(names) > 1 and names == sorted(names):
+        return sorted(names, key=_natural), False
+    return names, True
 
 
 def layer_rows(plan) -> list[dict]:
@@ -20,7 +38,8 @@ def layer_rows(plan) -> list[dict]:
     """
     shapes = plan.meta.get("layer_shapes", {})
     rows = []
-    for name, s in plan.layers.items():
+    for name in depth_order(plan.layers)[0]:
+        s = plan.layers[name]
         shape = shapes.get(name)
         n = int(np.prod(shape)) if shape else None
         nbytes = s.nbytes(shape[0], n // shape[0]) if shape else None
