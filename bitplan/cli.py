@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("plan", type=_existing_file, metavar="PLAN", help="plan JSON from `bitplan plan`")
     ex.add_argument("--to", required=True, choices=["torchao", "hf"], help="target format")
     ex.add_argument("--out", required=True, metavar="FILE", help="where to write the JSON")
+    ex.add_argument("--keys", choices=["param", "module"], default=None,
+                    help="torchao only: key layers by weight parameter name ('fc1.weight', torchao >= 0.17) "
+                         "or module name ('fc1', torchao 0.15/0.16); default param unless an older "
+                         "torchao is installed (hf always uses param)")
     ex.add_argument("--strip-prefix", default="", metavar="PREFIX",
                     help="remove this prefix from layer names (e.g. 'encoder.' for the built-in minilm, "
                          "to match the bare Hugging Face model)")
@@ -424,7 +428,9 @@ def cmd_export(args) -> int:
     from .export import to_hf_quantization_config, to_torchao_dict, torchao_version
     from .plan import Plan, atomic_write_text
     plan = Plan.load(args.plan)
-    d = to_torchao_dict(plan, args.strip_prefix) if args.to == "torchao" else \
+    if args.keys and args.to != "torchao":
+        raise _UsageError("--keys is only for --to torchao")
+    d = to_torchao_dict(plan, args.strip_prefix, key_style=args.keys) if args.to == "torchao" else \
         to_hf_quantization_config(plan, args.strip_prefix)
     atomic_write_text(args.out, json.dumps(d, indent=2, sort_keys=True) + "\n")
     ver = torchao_version()

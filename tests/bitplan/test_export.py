@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from bitplan.export import exportable_layers, to_hf_quantization_config, to_torchao_dict, torchao_version
+from bitplan.export import (default_key_style, exportable_layers, to_hf_quantization_config, to_torchao_dict,
+                            torchao_version)
 from bitplan.kernels.formats import QuantSpec
 from bitplan.plan import Plan
 
@@ -29,7 +30,7 @@ def test_exportable_layers_skip_conv_and_fp16():
 
 
 def test_hand_built_layout():
-    d = to_torchao_dict(make_plan(), use_torchao=False)
+    d = to_torchao_dict(make_plan(), use_torchao=False, key_style="param")
     assert d["_type"] == "FqnToConfig" and d["_data"]["fqn_to_config"] == d["_data"]["module_fqn_to_config"]
     fc1 = d["_data"]["fqn_to_config"]["fc1.weight"]
     assert fc1["_type"] == "IntxWeightOnlyConfig"
@@ -66,12 +67,21 @@ def _torchao():
     return torchao
 
 
-def test_hand_built_equals_torchao_config_to_dict():
+@pytest.mark.parametrize("keys", ["param", "module"])
+def test_hand_built_equals_torchao_config_to_dict(keys):
     tao = _torchao()
     if not tao.__version__.startswith("0.18."):
         pytest.skip(f"the hand-built layout mirrors torchao 0.18; installed {tao.__version__}")
     plan = make_plan()
-    assert to_torchao_dict(plan, use_torchao=True) == to_torchao_dict(plan, use_torchao=False)
+    assert to_torchao_dict(plan, use_torchao=True, key_style=keys) == \
+        to_torchao_dict(plan, use_torchao=False, key_style=keys)
+
+
+def test_module_keys():
+    d = to_torchao_dict(make_plan(), use_torchao=False, key_style="module")
+    assert set(d["_data"]["fqn_to_config"]) == {"fc1", "fc2", "fc3", "head"}
+    with pytest.raises(ValueError, match="key_style"):
+        exportable_layers(make_plan(), key_style="weights")
 
 
 @pytest.mark.parametrize("use_torchao", [True, False])
@@ -125,6 +135,8 @@ def test_hf_from_pretrained_quantizes_each_linear_to_its_bits(tmp_path):
     plan = Plan("f", {"encoder." + n: QuantSpec(b, 32) for n, b in bits.items()},       # SentenceEncoder names
                 meta={"layer_shapes": {"encoder." + n: list(fp.get_submodule(n).weight.shape) for n in names}})
     hf = json.loads(json.dumps(to_hf_quantization_config(plan, strip_prefix="encoder.")))
+    if default_key_style() == "module":
+        pytest.skip("torchao < 0.17 cannot quantize by parameter name, which transformers' loader needs")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = AutoModel.from_pretrained(tmp_path, quantization_config=TorchAoConfig.from_dict(hf))
