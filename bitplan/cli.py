@@ -313,13 +313,26 @@ def cmd_plan(args) -> int:
                         symmetric=not args.asymmetric, tie=args.tie, keep=keep, sensitivity_table=table,
                         **latency_opts)
     except InfeasibleBudgetError as e:
-        small = e.smallest.get("size_mb") if isinstance(getattr(e, "smallest", None), dict) else None
-        if budget_mb is None or small is None:
-            raise
-        flag = f"--budget-mb {args.budget_mb:g}" if args.avg_bits is None else \
-            f"--avg-bits {args.avg_bits:g} ({budget_mb:.6f} MB)"
-        raise ValueError(f"{flag} is infeasible: the smallest feasible size with these options"
-                         f"{' and --keep' if keep else ''} is {small:.6f} MB ({e})") from e
+        small = e.smallest if isinstance(getattr(e, "smallest", None), dict) else {}
+        size_flag = None if budget_mb is None else f"--budget-mb {args.budget_mb:g}" if args.avg_bits is None \
+            else f"--avg-bits {args.avg_bits:g} ({budget_mb:.6f} MB)"
+        flags = [f for f in (size_flag,
+                             args.max_latency_ms and f"--max-latency-ms {args.max_latency_ms:g}",
+                             args.max_bops and f"--max-bops {args.max_bops:g}") if f]
+        if size_flag and small.get("size_mb") is not None and small["size_mb"] > budget_mb:
+            msg = (f"{size_flag} is infeasible: the smallest feasible size with these options"
+                   f"{' and --keep' if keep else ''} is {small['size_mb']:.6f} MB")
+        else:
+            msg = f"{', '.join(flags)}: no plan meets {'these budgets together' if len(flags) > 1 else 'this budget'}"
+            if args.max_latency_ms and small.get("latency_ms") is not None:
+                import warnings
+                from .api import fixed_latency_ms
+                from .costmodels.latency import load_profile
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fixed = fixed_latency_ms(load_profile(args.profile), args.latency_fixed)
+                msg += f"; the smallest feasible latency on its own is {small['latency_ms'] + fixed:.4f} ms"
+        raise ValueError(f"{msg} ({e})") from e
     plan.save(args.out)
     msg = (f"wrote {args.out}: {len(plan.layers)} layers, predicted size "
            f"{plan.predicted['size_bytes'] / 1e6:.6f} MB, solver {plan.solver['name']} ({plan.solver['status']})")
