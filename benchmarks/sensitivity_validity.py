@@ -93,7 +93,7 @@ def digits_spec():
 def minilm_spec():
     from bitplan.models import load_model
     spec = load_model("minilm")
-    return spec.model, spec.calib_data, spec.eval_data[:4], None, {}
+    return spec.model, spec.calib_data, spec.eval_data[:2], None, {}   # 2 x 16 held-out sentences
 
 
 SPECS = {"minilm": minilm_spec, "digits": digits_spec}
@@ -148,20 +148,17 @@ def spearman(a, b) -> float:
     return float(spearmanr(np.ravel(a), np.ravel(b)).statistic)
 
 
-def evaluate(model_name: str, threads: int, fresh: bool, n_cfg: int, seed: int = 0) -> list[dict]:
-    model, calib, held, loss_fn, info = SPECS[model_name]()
-    tables = {m: table(model_name, m, threads, fresh) for m in METHODS}
-    names = tables["measured"].names
-    meas = tables["measured"].loss
+def ground_truth(model_name: str, names: list[str], fresh: bool, n_cfg: int, seed: int = 0, which=("held", "cfg")):
+    """Cached measured ground truth: held-out one-at-a-time table (L, B) and mixed configurations."""
+    model, calib, held, loss_fn, _ = SPECS[model_name]()
     held_path = os.path.join(OUT, f"heldout_{model_name}.json")
-    if fresh or not os.path.exists(held_path):
+    if "held" in which and (fresh or not os.path.exists(held_path)):
         held_tab = np.array([[true_delta(model, held, loss_fn, {n: b}) for b in BITS] for n in names])
         with open(held_path, "w") as f:
             json.dump(held_tab.tolist(), f)
-    held_tab = np.array(json.load(open(held_path)))
     rng = np.random.default_rng(seed)
     cfg_path = os.path.join(OUT, f"configs_{model_name}.json")
-    if fresh or not os.path.exists(cfg_path):
+    if "cfg" in which and (fresh or not os.path.exists(cfg_path)):
         cfgs = []
         for _ in range(n_cfg):
             k = int(rng.choice([2, 4, 8, len(names) // 2]))
@@ -170,6 +167,16 @@ def evaluate(model_name: str, threads: int, fresh: bool, n_cfg: int, seed: int =
             cfgs.append({"config": cfg, "true": true_delta(model, calib, loss_fn, cfg)})
         with open(cfg_path, "w") as f:
             json.dump(cfgs, f)
+    return held_path, cfg_path
+
+
+def evaluate(model_name: str, threads: int, fresh: bool, n_cfg: int, seed: int = 0) -> list[dict]:
+    _, _, _, _, info = SPECS[model_name]()
+    tables = {m: table(model_name, m, threads, fresh) for m in METHODS}
+    names = tables["measured"].names
+    meas = tables["measured"].loss
+    held_path, cfg_path = ground_truth(model_name, names, fresh, n_cfg, seed)
+    held_tab = np.array(json.load(open(held_path)))
     cfgs = json.load(open(cfg_path))
     true = np.array([c["true"] for c in cfgs])
     rows = []
@@ -197,9 +204,17 @@ def main(argv=None) -> None:
     ap.add_argument("--configs", type=int, default=24, help="random mixed-precision configurations")
     ap.add_argument("--fresh", action="store_true", help="recompute cached tables and ground truth")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--truth", nargs=2, metavar=("MODEL", "WHICH"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         worker(a.worker[0], a.worker[1], a.threads)
+        return
+    if a.truth:                         # precompute ground truth in parallel with the estimators
+        from bitplan.graph import LayerGraph
+        model, calib, *_ = SPECS[a.truth[0]]()
+        torch.set_num_threads(a.threads)
+        ground_truth(a.truth[0], LayerGraph.build(model, calib[0]).names, a.fresh, a.configs,
+                     which=(a.truth[1],))
         return
     torch.set_num_threads(a.threads)
     rows = []
