@@ -142,6 +142,9 @@ def _score_args(p):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitplan", description="Mixed-precision bit allocation for PyTorch "
                                 "models: score layers, solve under budgets, apply, export.")
+    p.add_argument("-v", "--verbose", dest="verbose_all", action="store_true", help="debug logging (on stderr)")
+    p.add_argument("-q", "--quiet", dest="quiet_all", action="store_true",
+                   help="no progress bars, only warnings/errors on stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common()
 
@@ -469,13 +472,15 @@ class _UsageError(Exception):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.verbose = args.verbose or args.verbose_all        # `bitplan -v plan ...` == `bitplan plan -v ...`
+    args.quiet = args.quiet or args.quiet_all
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if args.verbose
                         else "bitplan: %(message)s", stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except _UsageError as e:
-        parser._subparsers._group_actions[0].choices[args.command].error(str(e))   # exits 2
+        parser._subparsers._group_actions[0].choices[args.command].error(str(e))   # usage + exit 2
     except (ValueError, TypeError) as e:       # bad values, infeasible budgets, mismatched plans
         print(f"bitplan {args.command}: error: {e}", file=sys.stderr)
         return 2
