@@ -32,7 +32,7 @@ from .lagrange import lagrangian
 from .problem import Problem, Solution
 from .registry import register
 
-__all__ = ["solve", "build", "prune", "run", "OBJ_SCALE"]
+__all__ = ["solve", "build", "prune", "run", "OBJ_SCALE", "ISOLATE_COLUMNS"]
 
 OBJ_SCALE = 1e6        # the normalised objective spans [0, 1]; HiGHS sees [0, 1e6]
 
@@ -85,75 +85,74 @@ def build(t: Tables, mask: np.ndarray | None = None):
         integrality=np.ones(n, dtype=np.int32))
 
 
-def _set_options(h, time_limit, threads, msg):
-    # gap: half of OPT_RTOL, relative to the shifted objective (<= the true one), so HiGHS's
-    # "optimal" also passes our own check; feasibility 1e-9 of a budget's free part <= Tables.tol
-    opts = {"output_flag": bool(msg), "mip_rel_gap": 0.5 * OPT_RTOL, "mip_abs_gap": 1e-6,
-            "presolve_rule_off": 32768,              # probing overruns time limits (SOLVERS.md)
-            # RINS sub-MIPs hung past time_limit (and past the interrupt callback) on a
-            # 1000-row, 3-budget table here; without RINS the same hard cases proved faster
-            "mip_heuristic_run_rins": False,
-            "mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9,
-            "random_seed": 0}
-    if time_limit is not None:
-        opts["time_limit"] = float(max(time_limit, 0.01))
-    if threads is not None:
-        opts["threads"] = int(threads)
-    for k, v in opts.items():
-        h.setOptionValue(k, v)
+ISOLATE_COLUMNS = 10_000    # MILPs with more columns run in a killable child process
+GRACE_S = 3.0              # wall-clock grace over time_limit before the child is killed
+
+
+def _run_isolated(job: dict, wall: float):
+    """Run ``highs_worker.solve_arrays(**job)`` in a child process; kill it after ``wall`` s."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bitplan_highs_") as d:
+        src, dst = os.path.join(d, "in.pkl"), os.path.join(d, "out.pkl")
+        with open(src, "wb") as f:
+            pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
+        proc = subprocess.Popen([sys.executable, "-m", "bitplan.allocator.highs_worker", src, dst],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _, err = proc.communicate(timeout=wall)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return None, -math.inf, {"highs_status": f"killed at the wall-clock limit ({wall:.1f} s)",
+                                     "nodes": -1, "killed": True}
+        if proc.returncode != 0 or not os.path.exists(dst):
+            raise RuntimeError(f"HiGHS worker failed (exit {proc.returncode}): {err.decode()[-500:]}")
+        with open(dst, "rb") as f:
+            return pickle.load(f)
 
 
 def run(t: Tables, time_limit: float | None = 60.0, start: np.ndarray | None = None,
-        threads: int | None = None, msg: bool = False, mask: np.ndarray | None = None
-        ) -> tuple[np.ndarray | None, float, dict]:
+        threads: int | None = None, msg: bool = False, mask: np.ndarray | None = None,
+        isolate: bool | None = None) -> tuple[np.ndarray | None, float, dict]:
     """Solve the normalised MILP (columns limited to ``mask``, e.g. from :func:`prune`).
 
+    ``isolate`` (default: more than ISOLATE_COLUMNS columns and a time limit) runs HiGHS in a child
+    process that is killed at ``time_limit + GRACE_S``: HiGHS alone overran limits by 4x here.
     Returns (reduced choice or None, normalised bound, info).
     """
-    import highspy
+    from .highs_worker import solve_arrays
 
     t0 = time.perf_counter()
     B, R = t.loss.shape
     cells, m = build(t, mask)
-    h = highspy.Highs()
-    _set_options(h, time_limit, threads, msg)
-    h.passModel(m["num_col"], m["num_row"], m["num_nz"], int(highspy.MatrixFormat.kColwise),
-                int(highspy.ObjSense.kMinimize), 0.0, m["col_cost"], m["col_lower"], m["col_upper"],
-                m["row_lower"], m["row_upper"], m["a_start"], m["a_index"], m["a_value"],
-                m["integrality"])
+    x0 = None
     if start is not None:                                            # warm start: a feasible plan
         col_of = np.full(R * B, -1, dtype=np.int64)
         col_of[cells] = np.arange(len(cells))
         x0 = np.zeros(len(cells))
         x0[col_of[np.arange(R) * B + np.asarray(start)]] = 1.0
-        h.setSolution(len(cells), np.arange(len(cells), dtype=np.int32), x0)
+    if isolate is None:
+        isolate = time_limit is not None and len(cells) > ISOLATE_COLUMNS
+    job = dict(m=m, time_limit=time_limit, x0=x0, threads=threads, msg=msg, rel_gap=0.5 * OPT_RTOL)
     build_s = time.perf_counter() - t0
-    if time_limit is not None:              # HiGHS's own limit is not always checked (sub-MIPs)
-        deadline = time.perf_counter() + float(time_limit)
-
-        def _stop(e):
-            if time.perf_counter() > deadline:
-                e.interrupt()
-        h.cbMipInterrupt += _stop
-    h.run()
-    status = h.modelStatusToString(h.getModelStatus())
-    info = h.getInfo()
-    res = {"build_s": build_s, "solve_s": time.perf_counter() - t0 - build_s, "highs_status": status,
-           "nodes": int(info.mip_node_count), "columns": len(cells),
-           "columns_pruned": int(t.allowed.sum()) - len(cells)}
-    if h.getModelStatus() == highspy.HighsModelStatus.kInfeasible:
-        res["infeasible"] = True
-        return None, math.inf, res
-    bound = float(info.mip_dual_bound) / OBJ_SCALE
-    if not math.isfinite(bound):
-        bound = -math.inf
-    if info.primal_solution_status != 2:                             # 2 = feasible point found
+    if isolate:
+        x, bound, res = _run_isolated(job, float(time_limit) + GRACE_S)
+    else:
+        x, bound, res = solve_arrays(**job)
+    res.update({"build_s": build_s, "solve_s": time.perf_counter() - t0 - build_s,
+                "columns": len(cells), "columns_pruned": int(t.allowed.sum()) - len(cells),
+                "isolated": bool(isolate)})
+    bound = bound / OBJ_SCALE if math.isfinite(bound) else bound
+    if res.get("infeasible") or x is None:
         return None, bound, res
-    x = np.asarray(h.getSolution().col_value)                        # (n,)
     dense = np.full(R * B, -1.0)
     dense[cells] = x
-    choice = dense.reshape(R, B).argmax(1)                           # (R,)
-    return choice, bound, res
+    return dense.reshape(R, B).argmax(1), bound, res                 # (R,) reduced choice
 
 
 @register("highs")

@@ -13,8 +13,9 @@ Tables (realistic, synthetic — no model is run):
 Budgets come from a feasible reference plan (bits by sensitivity rank): the size budget alone, or
 size + latency + 0.9995·BOPs of that plan (two or three budgets bind).
 
-Every solver runs in a fresh spawned process (peak RSS = that process's ru_maxrss, which includes
-the interpreter, numpy and the problem's own tables) with a hard wall limit. Exact solvers are
+Every solver runs in a fresh spawned process (peak RSS = max of that process's ru_maxrss and its
+children's — CBC, the isolated HiGHS worker — including the interpreter, numpy and the problem's
+own tables) with a hard wall limit. Exact solvers are
 skipped where they would blow the time (ilp > 5,000 rows, highs/convex > 50,000, dp > 5,000 or
 several budgets); --all runs everything.
 
@@ -91,7 +92,8 @@ def _child(q, method, L, K, seed, time_limit):
         build = s.info.get("build_s", float("nan"))
         q.put(dict(gen_s=gen_s, build_s=build, total_s=s.seconds, objective=s.objective, bound=s.bound,
                    gap=s.gap, status=s.status, ran=s.method,
-                   rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+                   rss_mb=max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,      # KiB on Linux
+                              resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024))
     except Exception as e:                                    # report, don't kill the table
         q.put({"error": f"{type(e).__name__}: {str(e)[:80]}"})
 

@@ -154,3 +154,14 @@ def test_large_problem_reduced_is_fast():
     assert red is p and len(row_of) == L
     assert p.violations(np.zeros(L, int)) == []
     assert time.perf_counter() - t0 < 2.0
+
+
+def test_isolated_highs_matches_in_process():
+    from bitplan.allocator import highs
+    from bitplan.allocator.common import Tables
+    p = _problem(L=100, K=2)
+    t = Tables.of(p)
+    a = highs.run(t, 20.0, isolate=False)
+    b = highs.run(t, 20.0, isolate=True)
+    assert b[2]["isolated"] and not a[2]["isolated"]
+    assert t.objective(a[0]) == pytest.approx(t.objective(b[0]), rel=1e-12)
