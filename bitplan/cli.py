@@ -303,6 +303,9 @@ def cmd_plan(args) -> int:
     spec = _load(args)
     _need_calib(spec, "scoring")
     keep = resolve_keep([l.name for l in find_layers(spec.model)], args.keep)
+    bad = sorted({b for b in keep.values() if b not in args.bits})
+    if bad:
+        raise ValueError(f"--keep: {bad} bits are not among the options --bits {','.join(map(str, args.bits))}")
     budget_mb = args.budget_mb if args.avg_bits is None else avg_bits_budget_mb(spec.model, args.avg_bits)
     table = scored_table(spec.model, spec.calib_data, args.sensitivity, args.bits, seed=args.seed,
                          group_size=args.group_size, symmetric=not args.asymmetric,

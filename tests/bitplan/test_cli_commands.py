@@ -191,6 +191,7 @@ def test_infeasible_budget_exits_2_with_the_smallest_size(work):
     (["--solver", "nope"], "--solver"),
     (["--sensitivity", "nope"], "--sensitivity"),
     (["--keep", "zz*=8"], "--keep"),
+    (["--keep", "fc1=6"], "--keep"),
 ])
 def test_bad_values_exit_2_before_scoring(extra, named, tmp_path):
     p = run("plan", "--model", TINY, "--budget-mb", "1", *extra, "--out", tmp_path / "x.json")
