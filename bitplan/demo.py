@@ -99,6 +99,6 @@ def run_demo(max_probes: int = 32, out: str | None = None, model: str = "minilm"
     lines.append(f"  bits histogram: {dict(sorted(Counter(plan.bits.values()).items()))}")
     lines += ["", f"{'plan':<18} {'predicted MB':>13} {'packed MB':>10} {label:>26}"]
     for name, pred, real, fid in rows:
-        lines.append(f"{name:<18} {pred:>13.6g} {real:>10.6g} {fid:>26.5g}")
+        lines.append(f"{name:<18} {pred:>13.4f} {real:>10.4f} {fid:>26.5g}")
     lines.append(f"\n({label}: mean over {n_held})")
     return "\n".join(lines)
