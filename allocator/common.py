@@ -84,6 +84,8 @@ class Tables:
 
     def totals(self, choice: np.ndarray) -> np.ndarray:
         """(K,) normalised cost totals of a reduced choice (R,)."""
+        if self.cost.shape[0] == 0:                                  # no budgets
+            return np.zeros(0)
         return self.take(self.cost, choice).sum(-1)
 
     def accepts(self, choice: np.ndarray) -> bool:

@@ -56,7 +56,7 @@ def _dp(loss: np.ndarray, w: np.ndarray, C: int):
     """
     R, B = loss.shape
     V = np.zeros(C + 1)                                   # V(c): best loss with Σ w <= c
-    back = np.zeros((R, C + 1), dtype=np.int8)            # (R, C+1) option chosen
+    back = np.zeros((R, C + 1), dtype=np.int8 if B <= 127 else np.int16)   # (R, C+1) option chosen
     cand = np.empty(C + 1)
     for r in range(R):
         new = np.full(C + 1, np.inf)

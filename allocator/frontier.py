@@ -45,8 +45,7 @@ def frontier(problem: Problem, budget_name: str, values, method: str = "auto",
     warm = None
     for i in np.argsort(vals, kind="stable"):
         v = float(vals[i])
-        sub = red.with_budgets(**{budget_name: v}) if red is not problem else \
-            problem.with_budgets(**{budget_name: v})
+        sub = red.with_budgets(**{budget_name: v})                 # same tables, new cap
         full = problem.with_budgets(**{budget_name: v})
         t0 = time.perf_counter()
         try:

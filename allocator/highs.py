@@ -161,9 +161,9 @@ def solve(problem: Problem, time_limit: float | None = 60.0, warm_start: bool = 
           reduced_cost_fixing: bool = True, **_) -> Solution:
     """Exact solve with HiGHS (time-limited); "optimal" only when the bound closes the gap.
 
-    ``start`` (L,) is a feasible plan to warm-start from; by default the Lagrangian plan is used
-    (``warm_start=False`` turns that off) and its multipliers prune cells that provably cannot
-    beat it (:func:`prune`; ``reduced_cost_fixing=False`` keeps every cell).
+    ``start`` (L,) is a feasible plan to warm-start from; with ``warm_start`` (default) the
+    Lagrangian also runs: the better of the two plans starts HiGHS and the multipliers prune cells
+    that provably cannot beat it (:func:`prune`; ``reduced_cost_fixing=False`` keeps every cell).
     Example: ``solve(Problem(loss, {"size": size}, {"size": 4e6}), method="highs", time_limit=10)``
     """
     t0 = time.perf_counter()
@@ -171,18 +171,20 @@ def solve(problem: Problem, time_limit: float | None = 60.0, warm_start: bool = 
     t = Tables.of(red)
     prep_s = time.perf_counter() - t0                                # contract ties + normalise
     lag_bound, x0, info, mask = -math.inf, None, {}, None
-    if start is not None:
+    if start is not None:                                            # e.g. the previous sweep point
         s0 = np.asarray(start, dtype=np.int64)
         if problem.violations(s0):
             raise ValueError(f"start plan is not feasible: {problem.violations(s0)[:3]}")
         x0 = np.zeros(t.R, dtype=np.int64)
         x0[row_of] = s0
-    elif warm_start:
+    if warm_start:
         lr = lagrangian(t, time_limit=None if time_limit is None else 0.25 * time_limit)
-        lag_bound, x0 = lr.bound, lr.choice
+        lag_bound = lr.bound
+        if x0 is None or lr.objective < t.objective(x0):
+            x0 = lr.choice
         info["lagrange_s"], info["lagrange_gap_n"] = lr.seconds, lr.objective - lr.bound
-        if reduced_cost_fixing:
-            mask = prune(t, lr.lam, lr.bound, lr.objective)
+        if reduced_cost_fixing:                                      # prune against the best plan
+            mask = prune(t, lr.lam, lr.bound, t.objective(x0))
     left = None if time_limit is None else max(0.05, time_limit - (time.perf_counter() - t0))
     ch, bound, res = run(t, left, x0, threads, msg, mask)
     info.update(res)
