@@ -7,8 +7,8 @@
 from .errors import InfeasibleBudgetError, PlanMismatchError
 
 __version__ = "0.1.0"
-__all__ = ["allocate", "apply_plan_", "Plan", "LayerGraph", "InfeasibleBudgetError",
-           "PlanMismatchError", "__version__"]
+__all__ = ["allocate", "apply_plan_", "Plan", "LayerGraph", "save_packed", "load_packed",
+           "InfeasibleBudgetError", "PlanMismatchError", "__version__"]
 
 
 def __getattr__(name):          # lazy: `import bitplan` stays light (no pulp / cvxpy / transformers)
@@ -21,6 +21,9 @@ def __getattr__(name):          # lazy: `import bitplan` stays light (no pulp / 
     if name == "LayerGraph":
         from .graph import LayerGraph
         return LayerGraph
+    if name in ("save_packed", "load_packed"):
+        from . import packed_io
+        return getattr(packed_io, name)
     if name == "apply_plan_":
         from .kernels.apply import apply_plan_
         return apply_plan_

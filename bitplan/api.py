@@ -141,10 +141,16 @@ def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=
     try:
         sol = solve(problem, method=solver, **(solver_opts or {}))
     except InfeasibleBudgetError as e:
-        small = dict(e.smallest)
+        small = dict(e.smallest)       # the solver saw budgets net of the fixed bytes / fixed ms
         if "size_bytes" in small:
             small["size_mb"] = (small["size_bytes"] + base) / MB
-        raise InfeasibleBudgetError(f"{e} (size in bytes excludes {base} fixed bytes)", small) from e
+        if "latency_ms" in small:
+            small["latency_ms"] += fixed_ms
+        fixed = [f"{base} bytes" if "size_bytes" in small else "",
+                 f"{fixed_ms:.6g} ms" if "latency_ms" in small else ""]
+        note = " and ".join(f for f in fixed if f)
+        raise InfeasibleBudgetError(f"{e} (values net of the fixed {note} no option changes); "
+                                    f"smallest feasible totals: {small}", small) from e
     layers = {n: specs[c] for n, c in zip(graph.names, sol.choice)}
     predicted = {k: float(v) for k, v in sol.totals.items()}
     predicted["size_bytes"] = float(base + sol.totals["size_bytes"])

@@ -83,7 +83,9 @@ class Plan:
         return {"schema_version": self.schema_version, "model_fingerprint": self.model_fingerprint,
                 "layers": {k: v.to_dict() for k, v in self.layers.items()},
                 "predicted": dict(self.predicted), "budgets": dict(self.budgets),
-                "estimator": dict(self.estimator), "solver": dict(self.solver), "meta": dict(self.meta)}
+                "estimator": dict(self.estimator), "solver": dict(self.solver),
+                # JSON keys are sorted, so the network order of the layers travels in meta
+                "meta": {**self.meta, "layer_order": list(self.layers)}}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False,
@@ -132,9 +134,15 @@ class Plan:
         for k in ("estimator", "solver", "meta"):
             if not isinstance(d[k], dict):
                 raise ValueError(f"plan field {k!r} must be an object")
+        meta = dict(d["meta"])
+        order = meta.pop("layer_order", None)
+        if order is not None:
+            if not isinstance(order, list) or sorted(order) != sorted(layers):
+                raise ValueError("plan meta 'layer_order' must list exactly the plan's layers")
+            layers = {n: layers[n] for n in order}
         return cls(d["model_fingerprint"], layers, _finite_numbers("predicted", d["predicted"]),
                    _finite_numbers("budgets", d["budgets"]), dict(d["estimator"]), dict(d["solver"]),
-                   dict(d["meta"]), ver)
+                   meta, ver)
 
     @classmethod
     def load(cls, path) -> "Plan":

@@ -64,3 +64,15 @@ def test_corrupted_file(tmp_path):
     path.write_text(make_plan().to_json()[:-20])
     with pytest.raises(ValueError, match="not valid JSON"):
         Plan.load(path)
+
+
+def test_network_order_survives_sorted_json(tmp_path):
+    names = [f"layer.{i}.fc" for i in (0, 2, 10, 1)]
+    p = Plan("f", {n: LayerPlan(4) for n in names})
+    p.save(tmp_path / "p.json")
+    assert list(Plan.load(tmp_path / "p.json").layers) == names
+    d = p.to_dict()
+    d["meta"]["layer_order"] = names[:-1]
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="layer_order"):
+        Plan.load(tmp_path / "bad.json")
