@@ -35,8 +35,16 @@ def fidelity(model, ref: torch.Tensor, batches) -> float:
     return float(torch.nn.functional.cosine_similarity(embed(model, batches), ref, dim=-1).mean())
 
 
-def run_demo(max_probes: int = 32, out: str | None = None, model: str = "minilm", quiet: bool = False) -> str:
+DEMO_BITS = (2, 3, 4, 5, 6, 8)     # the option set that won benchmarks/results (hessian + g128, bits 2..8)
+DEMO_GROUP = 128
+
+
+def run_demo(max_probes: int = 32, out: str | None = None, model: str = "minilm", quiet: bool = False,
+             bits=DEMO_BITS, group_size: int | None = DEMO_GROUP) -> str:
     """Run the demo on ``model`` (a model spec; default the built-in MiniLM); returns the report.
+
+    Every plan, bitplan's and the uniform baselines, uses the same quantizer settings (``group_size``),
+    so the comparison is about the allocation alone.
 
     Text encoders (MiniLM, HF folders) are compared by embedding cosine to fp32 on held-out
     sentences; any other spec by the label-free loss to the fp model's output (lower is better) on
@@ -57,7 +65,8 @@ def run_demo(max_probes: int = 32, out: str | None = None, model: str = "minilm"
     net = spec.model
     graph = LayerGraph.build(net)
     base = base_nbytes(net, graph.names)
-    u4, u8 = (uniform_plan(graph, b, base_bytes=base) for b in (4, 8))
+    uniform = {b: uniform_plan(graph, b, group_size, base_bytes=base) for b in (4, 5, 6, 8)}
+    u4, u8 = uniform[4], uniform[8]
     budget_mb = (u4.predicted["size_bytes"] + u8.predicted["size_bytes"]) / 2 / MB
     held = spec.eval_data if spec.eval_data is not None else spec.calib_data
     if "tokenizer" in spec.extra:            # sentence encoder: cosine of embeddings to fp32
@@ -72,16 +81,14 @@ def run_demo(max_probes: int = 32, out: str | None = None, model: str = "minilm"
     opts = {"max_probes": max_probes, **({"min_probes": max_probes} if max_probes < 8 else {})}
     t0 = time.perf_counter()
     with progress_bar("scoring (hessian)", unit="loss eval", quiet=quiet) as bar:
-        plan = allocate(net, budget_mb=budget_mb, calib_data=spec.calib_data,
+        plan = allocate(net, budget_mb=budget_mb, calib_data=spec.calib_data, bits=bits, group_size=group_size,
                         loss_fn=counting_loss(None, net, list(spec.calib_data), bar), sensitivity_opts=opts)
     seconds = time.perf_counter() - t0
     if out:
         plan.save(out)
     rows = []
-    candidates = [("bitplan", plan), ("uniform int4", u4),
-                  ("uniform int4 g32", uniform_plan(graph, 4, 32, base_bytes=base)),
-                  ("uniform int5", uniform_plan(graph, 5, base_bytes=base)),
-                  ("uniform int8", u8)]
+    g = f" g{group_size}" if group_size else ""
+    candidates = [("bitplan", plan)] + [(f"uniform int{b}{g}", p) for b, p in uniform.items()]
     with warnings.catch_warnings():          # kernel fallback warnings: the report names the kernels
         warnings.simplefilter("ignore", RuntimeWarning)
         for name, p in candidates:
@@ -90,6 +97,7 @@ def run_demo(max_probes: int = 32, out: str | None = None, model: str = "minilm"
     title = "all-MiniLM-L6-v2" if model == "minilm" else model
     lines = [f"bitplan demo: {title}, {len(graph.layers)} quantizable layers, "
              f"fp32 size {model_nbytes(net) / MB:.3f} MB ({base / MB:.3f} MB not quantizable)",
+             f"options: bits {list(bits)}, group size {group_size or 'per channel'}; "
              f"budget {budget_mb:.3f} MB (halfway between uniform int4 and int8); "
              f"scoring + solving took {seconds:.1f} s "
              f"({plan.estimator['name']}, {plan.estimator['probes']} probes; solver {plan.solver['name']} "
