@@ -121,7 +121,7 @@ def _probe_chunk_output(ctx, params, gens, nb):
             if g is not None:
                 _check(g, f"gradient of {ctx.names[i]}")
                 seen[i] = True
-                est[:, i] += g.double().pow(2).flatten(1).sum(1).numpy() / nb
+                est[:, i] += g.pow(2).flatten(1).sum(1).double().numpy() / nb    # fp32 sums: 4x faster
     return est, seen
 
 
