@@ -57,15 +57,15 @@ def solve(problem: Problem, time_limit: float | None = 30.0, exact_cells: int = 
            "lagrange_gap": (lr.objective - lr.bound) * t.spread / max(abs(t.to_loss(lr.objective)), 1e-300)}
     info = {"auto": log, "lambda": lam_raw, "iterations": lr.evals, "build_s": build_s}
     obj_l, bnd_l = t.to_loss(lr.objective), t.to_loss(lr.bound)
-    if proven(obj_l, bnd_l, t.spread) or proven(obj_l, bnd_l, t.spread, gap_tol):
+    if lr.choice is not None and (proven(obj_l, bnd_l, t.spread) or proven(obj_l, bnd_l, t.spread, gap_tol)):
         log["reason"] = "Lagrangian bound closes the gap"
         return finish(problem, row_of, lr.choice, bnd_l, "lagrange", t0, info, t.spread)
     left = math.inf if time_limit is None else time_limit - (time.perf_counter() - t0)
-    if cells > exact_cells or left <= 0.05:
+    if lr.choice is not None and (cells > exact_cells or left <= 0.05):
         log["reason"] = (f"{cells} MILP columns > exact_cells={exact_cells}" if cells > exact_cells
                          else "no time left for the exact solver")
         return finish(problem, row_of, lr.choice, bnd_l, "lagrange", t0, info, t.spread)
-    mask = highs.prune(t, lr.lam, lr.bound, lr.objective)           # reduced-cost fixing
+    mask = None if lr.choice is None else highs.prune(t, lr.lam, lr.bound, lr.objective)  # reduced-cost fixing
     ch, bound, res = highs.run(t, None if time_limit is None else left, lr.choice, threads, mask=mask)
     log["ran"].append("highs")
     info["build_s"] += res["build_s"]
@@ -77,7 +77,10 @@ def solve(problem: Problem, time_limit: float | None = 30.0, exact_cells: int = 
         ch = improve(t, repair(t, ch))
         res["repaired"] = True
     method = "highs"
-    if ch is None or t.objective(lr.choice) <= t.objective(ch):
+    if lr.choice is not None and (ch is None or t.objective(lr.choice) <= t.objective(ch)):
         ch, method = lr.choice, ("lagrange" if ch is None else "highs")
+    if ch is None:
+        raise RuntimeError(f"no plan found within the time limit (HiGHS {res['highs_status']}, the "
+                           "Lagrangian heuristic found none either); give a longer time_limit")
     log["reason"] = f"exact solver within time limit ({res['highs_status']})"
     return finish(problem, row_of, ch, t.to_loss(max(bound, lr.bound)), method, t0, info, t.spread)

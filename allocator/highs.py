@@ -180,10 +180,10 @@ def solve(problem: Problem, time_limit: float | None = 60.0, warm_start: bool = 
     if warm_start:
         lr = lagrangian(t, time_limit=None if time_limit is None else 0.25 * time_limit)
         lag_bound = lr.bound
-        if x0 is None or lr.objective < t.objective(x0):
+        if lr.choice is not None and (x0 is None or lr.objective < t.objective(x0)):
             x0 = lr.choice
         info["lagrange_s"], info["lagrange_gap_n"] = lr.seconds, lr.objective - lr.bound
-        if reduced_cost_fixing:                                      # prune against the best plan
+        if reduced_cost_fixing and x0 is not None:                   # prune against the best plan
             mask = prune(t, lr.lam, lr.bound, t.objective(x0))
     left = None if time_limit is None else max(0.05, time_limit - (time.perf_counter() - t0))
     ch, bound, res = run(t, left, x0, threads, msg, mask)

@@ -18,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -36,8 +37,8 @@ class LagrangeResult:
     """Output of :func:`lagrangian` (normalised units; ``Tables.to_loss`` maps back)."""
 
     def __init__(self, choice, objective, bound, lam, evals, seconds):
-        self.choice = choice            # (R,) reduced choice, feasible
-        self.objective = objective      # normalised objective of choice
+        self.choice = choice            # (R,) reduced choice, feasible; None if recovery failed
+        self.objective = objective      # normalised objective of choice (inf when None)
         self.bound = bound              # normalised proven lower bound
         self.lam = lam                  # (K,) best multipliers (normalised)
         self.evals = evals              # dual evaluations
@@ -178,7 +179,7 @@ def lagrangian(t: Tables, time_limit: float | None = None, max_iter: int = 200,
                 "no plan meets all budgets together (proved: the Lagrangian dual bound exceeds the "
                 "loss of every plan)")
         ch = _recover(t, dual)
-    obj = t.objective(ch)
+    obj = t.objective(ch) if ch is not None else math.inf
     bound = min(dual.best[0], obj)
     lam = dual.best[1] if dual.best[1] is not None else np.zeros(K)
     return LagrangeResult(ch, obj, bound, lam, len(dual.cuts), time.perf_counter() - t0)
@@ -206,7 +207,10 @@ def _recover(t: Tables, dual: _Dual) -> np.ndarray:
         if obj < best_obj:
             best, best_obj = ch, obj
     if best is None:                          # last resort: repair from the cheapest plan
-        best = improve(t, repair(t, argmin0(np.where(t.allowed, t.cost.sum(0), np.inf))[0]), price=lam)
+        try:
+            best = improve(t, repair(t, argmin0(np.where(t.allowed, t.cost.sum(0), np.inf))[0]), price=lam)
+        except InfeasibleBudgetError:         # the heuristic gave up: no proof either way
+            return None
     return best
 
 
@@ -225,6 +229,11 @@ def solve(problem: Problem, time_limit: float | None = None, max_iter: int = 200
     t = Tables.of(red)
     lam_n = None if lam0 is None else np.asarray(lam0, float) * t.cost_scale / t.spread
     r = lagrangian(t, time_limit, max_iter, gap_tol, lam_n)
+    if r.choice is None:
+        raise InfeasibleBudgetError(
+            "the Lagrangian heuristic found no plan meeting all budgets together (not a proof; "
+            "method='highs' decides feasibility exactly); each budget's smallest feasible value on "
+            f"its own: {problem.smallest_feasible()}", problem.smallest_feasible())
     build_s = time.perf_counter() - t0 - r.seconds
     info = {"iterations": r.evals, "lambda": (r.lam / t.cost_scale * t.spread).tolist(),  # loss/cost
             "lambda_normalised": r.lam.tolist(), "solve_s": r.seconds, "build_s": build_s}

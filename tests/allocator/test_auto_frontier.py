@@ -165,3 +165,23 @@ def test_isolated_highs_matches_in_process():
     b = highs.run(t, 20.0, isolate=True)
     assert b[2]["isolated"] and not a[2]["isolated"]
     assert t.objective(a[0]) == pytest.approx(t.objective(b[0]), rel=1e-12)
+
+
+def test_exact_solvers_do_not_trust_a_failed_greedy_warm_start():
+    """Regression (hypothesis found it): the Lagrangian's greedy repair finds no feasible plan here,
+    yet a plan exists; the exact solvers must still find the optimum, `lagrange` must not call the
+    problem infeasible as if proven."""
+    loss = np.array([[9.3, .5, .4, 2.2], [1.8, 3.1, .6, 6.7], [9.8, 2., 9.9, 8.1], [9.1, 8.8, .2, 3.7],
+                     [4.7, 8.6, 6.4, .1], [1.3, 4.8, 6.7, 8.3]])
+    c0 = np.array([[13., 1, 3, 13], [1, 12, 9, 1], [19, 3, 19, 6], [4, 7, 3, 7], [19, 12, 5, 13], [5, 11, 4, 8]])
+    c1 = np.array([[0., 12, 13, 16], [15, 10, 10, 15], [12, 3, 9, 5], [4, 3, 8, 8], [14, 19, 19, 13], [6, 8, 11, 18]])
+    allowed = np.array([[1, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 0], [0, 0, 1, 0]], bool)
+    p = Problem(loss, {"c0": c0, "c1": c1}, {"c0": 35.0, "c1": 54.0}, fixed={5: 2}, allowed=allowed)
+    best = solve(p, method="bruteforce").objective
+    for m in ("highs", "ilp", "auto"):
+        assert solve(p, method=m).objective == pytest.approx(best)
+    assert frontier(p, "c0", [35.0], method="highs")[0].objective == pytest.approx(best)
+    try:
+        assert solve(p, method="lagrange").objective >= best - 1e-9
+    except InfeasibleBudgetError as e:
+        assert "not a proof" in str(e)
