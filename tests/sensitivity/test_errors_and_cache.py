@@ -42,7 +42,7 @@ def test_nan_in_data_is_named(method, blocks_model, block_batches):
 @pytest.mark.parametrize("method", ["hessian", "fisher", "measured"])
 def test_nan_with_label_free_loss_is_named(method, net, batches):
     bad = [b.clone() for b in batches]
-    bad[1][2, 3] = float("inf")
+    bad[1][2, 3] = float("nan")
     with pytest.raises(ValueError, match="batch 1 is not finite"):
         score(net, bad, method=method)
 
