@@ -133,8 +133,10 @@ def hutchinson_traces(ctx: ScoreContext, tol: float = 0.05, min_probes: int = 8,
     """
     if probe not in PROBES:
         raise ValueError(f"probe={probe!r} is not supported; allowed: {list(PROBES)}")
-    if not (isinstance(min_probes, int) and isinstance(max_probes, int) and 2 <= min_probes <= max_probes):
-        raise ValueError(f"need integers 2 <= min_probes <= max_probes, got {min_probes}, {max_probes}")
+    if not (isinstance(min_probes, int) and isinstance(max_probes, int) and min_probes >= 2 and max_probes >= 2):
+        raise ValueError(f"min_probes={min_probes!r} and max_probes={max_probes!r} must be integers >= 2 "
+                         "(a standard error needs two probes)")
+    min_probes = min(min_probes, max_probes)
     if not (isinstance(probe_batch, int) and probe_batch >= 1):
         raise ValueError(f"probe_batch={probe_batch!r} must be a positive int")
     if not tol > 0:
