@@ -5,7 +5,8 @@ sentence embedding to the fp embedding (the default ``score`` loss). Parameters:
 weights that get a gradient (36 Linear weights; the pooler is unused by the sentence embedding).
 Every run uses exactly --probes Rademacher probes, all batches per probe, --threads threads.
 
-Compared, in one process, one after the other:
+Compared in one process, in --rounds interleaved rounds (order reversed every round; the least
+disturbed round is reported, with CPU seconds next to wall seconds):
   pyhessian-whole    PyHessian 0.1 ``hessian(...).trace()`` in its full-batch mode (gradient graph of
                      all 4 batches built once and reused by every probe) over all 36 weights at once:
                      ONE number per probe (Σ_l Tr H_l), no per-layer traces.
@@ -21,7 +22,7 @@ trace (Σ_l) and per-layer relative standard errors, each from the run's own pro
 Then the wall time and peak RSS of every estimator (``score`` end to end, own subprocess, cached by
 benchmarks/sensitivity_validity.py in benchmarks/out/).
 
-Run: python benchmarks/hessian_speed.py [--probes 16] [--threads 2] [--pyhessian-layers 2] [--batches 4]
+Run: python benchmarks/hessian_speed.py [--probes 16] [--threads 2] [--pyhessian-layers 2] [--batches 4] [--rounds 2]
 The machine may be shared with other jobs: say so when quoting the numbers.
 """
 from __future__ import annotations
