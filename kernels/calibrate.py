@@ -130,8 +130,7 @@ def build_option(spec: QuantSpec | str, n: int, k: int, device="cpu", seed: int 
 
 def _rotation(mod: nn.Module, rotate_mb: float, max_copies: int = 64) -> list[nn.Module]:
     """``mod`` plus deep copies so that ``rotate_mb`` MB of weights pass between two uses of one."""
-    from ..costmodels.size import model_nbytes
-    nbytes = max(1, model_nbytes(mod))
+    nbytes = max(1, sum(t.numel() * t.element_size() for t in [*mod.parameters(), *mod.buffers()]))
     copies = min(max_copies, max(1, -(-int(rotate_mb * 1e6) // nbytes)))
     return [mod] + [copy.deepcopy(mod) for _ in range(copies - 1)]
 
