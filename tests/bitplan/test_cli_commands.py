@@ -129,6 +129,19 @@ def test_calibrate_writes_profile_that_plan_uses(work):
     assert 0 < plan["predicted"]["latency_ms"] <= 1000 and plan["budgets"]["latency_ms"] == 1000
 
 
+def test_calibrate_in_model_profile_drives_a_latency_plan(work):
+    ok(run("calibrate", "--model", TINY, "--in-model", "--reps", "3", "--quiet", "--out", work / "inm.json"))
+    from bitplan.kernels.profile import LatencyProfile
+    prof = LatencyProfile.load(work / "inm.json")
+    assert list(prof.fixed) == [TINY] and prof.entries
+    budget = 2 * sum(e["median_ms"] for e in prof.entries.values()) + prof.fixed[TINY]["median_ms"]
+    ok(run("plan", "--model", TINY, "--avg-bits", "6", "--max-latency-ms", f"{budget:.6f}", "--profile",
+           work / "inm.json", "--sensitivity-cache", work / "sens.json", "--out", work / "inm_plan.json"))
+    plan = json.loads((work / "inm_plan.json").read_text())
+    assert plan["predicted"]["latency_ms"] <= budget * (1 + 1e-9)
+    assert plan["predicted"]["latency_fixed_ms"] == prof.fixed[TINY]["median_ms"]
+
+
 def test_demo_on_a_model_spec(tmp_path):
     p = ok(run("demo", "--model", TINY, "--max-probes", "2", "--quiet", "--out", tmp_path / "demo.json"))
     assert "uniform int8" in p.stdout and "bitplan" in p.stdout
