@@ -127,6 +127,10 @@ def test_allocate_under_latency_budget():
     plan = bitplan.allocate(m, max_latency_ms=budget, **kw)
     assert plan.predicted["latency_ms"] <= budget * (1 + 1e-12)
     assert plan.predicted["latency_fixed_ms"] == prof.fixed["tiny:b1"]["median_ms"]
+    fixed = prof.fixed["tiny:b1"]["median_ms"]
+    with pytest.raises(bitplan.InfeasibleBudgetError) as e:          # smallest total includes the fixed ms
+        bitplan.allocate(m, max_latency_ms=float(t.min(1).sum()) * 0.5 + fixed, **kw)
+    assert e.value.smallest["latency_ms"] == pytest.approx(float(t.min(1).sum()) + fixed)
     with pytest.raises(ValueError, match="latency_fixed='nope'"):
         bitplan.allocate(m, max_latency_ms=budget, latency_fixed="nope", **kw)
     with pytest.raises(ValueError, match="needs latency_profile"):
