@@ -17,10 +17,17 @@ import time
 
 import numpy as np
 
-__all__ = ["solve_arrays", "set_options"]
+__all__ = ["solve_arrays", "set_options", "RENS_MIN_COLUMNS"]
+
+# RENS sub-MIPs only for MILPs with at least this many columns (after reduced-cost fixing).
+# Measured (benchmarks/solver_scaling.py tables, 3 budgets, HiGHS 1.16, 2 cores): without RENS,
+# 1000 rows (1.5k-2.7k columns) solved faster on 7 of 8 seeds (seed 0: 0.76 s vs 1.54 s, total
+# -17 %) and 500 rows on 3 of 4; 5000 rows (6k-8k columns) were slower on 3 of 4 seeds (up to 2x).
+# The root reduced-cost sub-MIP heuristic must stay on either way (10x slower without it).
+RENS_MIN_COLUMNS = 5000
 
 
-def set_options(h, time_limit, threads, msg, rel_gap):
+def set_options(h, time_limit, threads, msg, rel_gap, rens: bool = True):
     # gap: half of OPT_RTOL, relative to the shifted objective (<= the true one), so HiGHS's
     # "optimal" also passes our own check; feasibility 1e-9 of a budget's free part <= Tables.tol
     opts = {"output_flag": bool(msg), "mip_rel_gap": rel_gap, "mip_abs_gap": 1e-6,
@@ -28,6 +35,7 @@ def set_options(h, time_limit, threads, msg, rel_gap):
             # RINS sub-MIPs hung past time_limit (and past the interrupt callback) on a
             # 1000-row, 3-budget table here; without RINS the same hard cases proved faster
             "mip_heuristic_run_rins": False,
+            "mip_heuristic_run_rens": rens,
             "mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9,
             "random_seed": 0}
     if time_limit is not None:
@@ -45,7 +53,7 @@ def solve_arrays(m: dict, time_limit: float | None, x0: np.ndarray | None, threa
 
     t0 = time.perf_counter()
     h = highspy.Highs()
-    set_options(h, time_limit, threads, msg, rel_gap)
+    set_options(h, time_limit, threads, msg, rel_gap, rens=m["num_col"] >= RENS_MIN_COLUMNS)
     h.passModel(m["num_col"], m["num_row"], m["num_nz"], int(highspy.MatrixFormat.kColwise),
                 int(highspy.ObjSense.kMinimize), 0.0, m["col_cost"], m["col_lower"], m["col_upper"],
                 m["row_lower"], m["row_upper"], m["a_start"], m["a_index"], m["a_value"],
