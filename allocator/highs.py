@@ -32,7 +32,7 @@ from .lagrange import lagrangian
 from .problem import Problem, Solution
 from .registry import register
 
-__all__ = ["solve", "build", "prune", "run", "OBJ_SCALE", "ISOLATE_COLUMNS"]
+__all__ = ["solve", "build", "prune", "dominated", "run", "OBJ_SCALE", "ISOLATE_COLUMNS"]
 
 OBJ_SCALE = 1e6        # the normalised objective spans [0, 1]; HiGHS sees [0, 1e6]
 
@@ -44,6 +44,8 @@ def prune(t: Tables, lam: np.ndarray, dual: float, incumbent: float) -> np.ndarr
     rc = (loss + Σ λ_k cost_k)[b, r] − min_b'(...)[r] >= 0. Cells with d(λ) + rc > incumbent
     (+ a 1e-9 relative margin for round-off) cannot appear in a plan better than the incumbent,
     so dropping them keeps the optimum and keeps the MILP's dual bound valid for the full problem.
+    Dominated cells (:func:`dominated`) are dropped too: a dominating cell has rc no larger, so an
+    improving plan moved off them stays inside the mask.
     """
     priced = t.loss.copy()                                          # (B, R)
     for k, l in enumerate(lam):
@@ -51,7 +53,29 @@ def prune(t: Tables, lam: np.ndarray, dual: float, incumbent: float) -> np.ndarr
             priced += l * t.cost[k]
     rc = priced - priced.min(0)
     margin = 1e-9 * max(abs(incumbent), 1e-12) + 1e-12
-    return t.allowed & (dual + rc <= incumbent + margin)
+    return t.allowed & (dual + rc <= incumbent + margin) & ~dominated(t)
+
+
+def dominated(t: Tables) -> np.ndarray:
+    """(B, R) mask of allowed cells another allowed option of the same row dominates.
+
+    Option b of row r is dominated by b' when loss and every cost of b' are <= those of b and
+    (one is strictly smaller, or the two are equal and b' < b): any plan using b can switch to b'
+    without raising its loss or any total, so dropping b keeps an optimal plan (exact).
+    """
+    B, R = t.loss.shape
+    out = np.zeros((B, R), dtype=bool)
+    for b in range(B):
+        for b2 in range(B):
+            if b2 == b:
+                continue
+            le = t.allowed[b] & t.allowed[b2] & (t.loss[b2] <= t.loss[b])
+            lt = t.loss[b2] < t.loss[b]
+            for k in range(t.cost.shape[0]):
+                le &= t.cost[k, b2] <= t.cost[k, b]
+                lt |= t.cost[k, b2] < t.cost[k, b]
+            out[b] |= le & (lt | (b2 < b))
+    return out
 
 
 def build(t: Tables, mask: np.ndarray | None = None):
@@ -129,6 +153,9 @@ def run(t: Tables, time_limit: float | None = 60.0, start: np.ndarray | None = N
 
     t0 = time.perf_counter()
     B, R = t.loss.shape
+    if mask is not None and start is not None:                       # keep the start plan's cells
+        mask = mask.copy()
+        mask[np.asarray(start), np.arange(R)] = True
     cells, m = build(t, mask)
     x0 = None
     if start is not None:                                            # warm start: a feasible plan
