@@ -28,8 +28,18 @@ def counting_loss(loss_fn, model, batches: list, bar):
     without any change to the estimators. ``loss_fn=None`` / "kl" / "mse" become the same label-free
     loss the estimators would build (references from ``model``'s own fp outputs on ``batches``).
     """
-    from .sensitivity.losses import resolve_loss
+    from .sensitivity.losses import LabelFreeLoss, resolve_loss
     fn, desc = resolve_loss(loss_fn, model, batches)
+    if isinstance(fn, LabelFreeLoss):
+        # stay a LabelFreeLoss: estimators pick their exact, faster paths (output-space probes) by type
+        class CountedLabelFree(LabelFreeLoss):
+            __name__ = desc
+
+            def output(self, m, b):
+                out = LabelFreeLoss.output(m, b)
+                bar.update()
+                return out
+        return CountedLabelFree(fn.kind, fn.refs)
 
     def counted(m, b):
         out = fn(m, b)
