@@ -31,36 +31,30 @@ def _bits(s: str) -> tuple[int, ...]:
     return out
 
 
+def _positive_number(cast, what: str):
+    """An argparse type: ``cast(s)`` that must be > 0 and finite; the error names the value."""
+    def parse(s: str):
+        try:
+            v = cast(s)
+        except ValueError:
+            v = None
+        if v is None or not 0 < v < float("inf"):
+            raise argparse.ArgumentTypeError(f"{s!r}: must be a positive {what}")
+        return v
+    return parse
+
+
+_positive = _positive_number(float, "finite number")
+_positive_int = _positive_number(int, "integer")
+
+
 def _group(s: str):
     if s in ("none", "channel", "per-channel"):
         return None
     try:
-        g = int(s)
-    except ValueError:
-        g = 0
-    if g <= 0:
-        raise argparse.ArgumentTypeError(f"{s!r}: a positive integer or 'none' (per output channel)")
-    return g
-
-
-def _positive(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        v = float("nan")
-    if not (v > 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"{s!r}: must be a positive finite number")
-    return v
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{s!r}: must be a positive integer")
-    return v
+        return _positive_int(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{s!r}: a positive integer or 'none' (per output channel)") from None
 
 
 def _ints(s: str) -> tuple[int, ...]:
