@@ -51,6 +51,14 @@ def check_plan(model: nn.Module, plan) -> dict:
     return layers
 
 
+def fake_weight(module: nn.Module, kind: str, spec) -> torch.Tensor:
+    """``Q_spec(W)`` of a layer in the module's own weight layout (conv and HF Conv1D aware): what
+    fake apply writes and what the sensitivity estimators perturb a layer with."""
+    wq = fake_quantize(layer_weight_2d(module, kind).detach(), spec.bits, spec.group_size,
+                       spec.symmetric)                                                   # (N, K)
+    return wq.t().contiguous() if kind == "hf_conv1d" else wq.reshape(module.weight.shape)
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -75,11 +83,7 @@ def apply_plan_(model: nn.Module, plan, mode: str = "fake") -> nn.Module:
         w2d = layer_weight_2d(mod, kind)
         if mode == "fake":
             with torch.no_grad():
-                wq = fake_quantize(w2d, spec.bits, spec.group_size, spec.symmetric)   # (N, K)
-                if kind == "hf_conv1d":
-                    mod.weight.copy_(wq.t())
-                else:
-                    mod.weight.copy_(wq.reshape(mod.weight.shape))
+                mod.weight.copy_(fake_weight(mod, kind, spec))
             chosen[name] = "fake"
             continue
         n, k = w2d.shape

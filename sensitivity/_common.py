@@ -1,7 +1,7 @@
 """Helpers the estimators share: quantized weights in storage layout, one-layer swaps, checked losses.
 
 Private to ``bitplan.sensitivity``; every estimator quantizes through the shared quantizer
-(``kernels.quantizer.fake_quantize``) via :func:`quantized_weight`, so all tables see the same ΔW.
+(``kernels.apply.fake_weight``) via :func:`quantized_weight`, so all tables see the same ΔW.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from bitplan.batches import first_tensor, run_model
 
-from ..kernels.quantizer import fake_quantize
+from ..kernels.apply import fake_weight
 from .losses import LabelFreeLoss
 
 __all__ = ["math_sdpa", "quantized_weight", "swapped", "weights_require_grad", "checked_loss",
@@ -29,14 +29,8 @@ def math_sdpa():
 
 
 def quantized_weight(ctx, name: str, spec) -> torch.Tensor:
-    """``Q_b(W)`` of layer ``name`` in the module's own weight layout (conv / HF Conv1D aware)."""
-    mod = ctx.module(name)
-    info = ctx.graph.layers[ctx.graph.index(name)]
-    w2 = ctx.weight_2d(name).detach()                                     # (N, K)
-    q2 = fake_quantize(w2, spec.bits, spec.group_size, spec.symmetric)    # (N, K)
-    if info.kind == "hf_conv1d":
-        return q2.t().contiguous()
-    return q2.reshape(mod.weight.shape)
+    """``Q_b(W)`` of layer ``name`` in the module's own weight layout (the same tensor fake apply writes)."""
+    return fake_weight(ctx.module(name), ctx.graph.layers[ctx.graph.index(name)].kind, spec)
 
 
 @contextlib.contextmanager
