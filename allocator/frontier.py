@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from bitplan.errors import InfeasibleBudgetError
+from .errors import InfeasibleBudgetError
 
 from .problem import Problem, Solution
 from .registry import SOLVERS, available

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bitplan.errors import InfeasibleBudgetError
+from .errors import InfeasibleBudgetError
 
 from .common import Tables, argmin0
 

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from bitplan.errors import InfeasibleBudgetError
+from .errors import InfeasibleBudgetError
 
 from .common import OPT_RTOL, Tables, finish
 from .greedy import improve, repair

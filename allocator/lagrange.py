@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from bitplan.errors import InfeasibleBudgetError
+from .errors import InfeasibleBudgetError
 
 from .common import OPT_RTOL, Tables, argmin0, finish, remaining
 from .greedy import feasible, improve, repair

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bitplan.errors import InfeasibleBudgetError
+from .errors import InfeasibleBudgetError
 
 __all__ = ["Problem", "Solution", "FEAS_RTOL"]
 

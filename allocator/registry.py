@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from bitplan.errors import InfeasibleBudgetError
+from .errors import InfeasibleBudgetError
 
 from .problem import Problem, Solution
 

@@ -42,8 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def make_ctx(model, batches, seed=0):
     """The ScoreContext ``score`` would build (private copy, loss, graph)."""
-    from bitplan.batches import as_batches
-    from bitplan.graph import LayerGraph
+    from bitplan.core.batches import as_batches
+    from bitplan.core.graph import LayerGraph
     from bitplan.kernels.formats import QuantSpec
     from bitplan.sensitivity.losses import resolve_loss
     from bitplan.sensitivity.registry import ScoreContext

@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bitplan.batches import run_model                                    # noqa: E402
+from bitplan.core.batches import run_model                                    # noqa: E402
 from bitplan.costmodels.latency import latency_table                      # noqa: E402
-from bitplan.graph import LayerGraph, fingerprint                         # noqa: E402
-from bitplan.kernels.apply import apply_plan_                             # noqa: E402
+from bitplan.core.graph import LayerGraph, fingerprint                         # noqa: E402
+from bitplan.apply import apply_plan_                             # noqa: E402
 from bitplan.kernels.calibrate import DEFAULT_SPECS, calibrate, calibrate_model, measure_fixed_cost  # noqa: E402
 from bitplan.kernels.timing import clock_fn, time_interleaved             # noqa: E402
 from bitplan.plan import Plan                                             # noqa: E402

@@ -86,7 +86,7 @@ class Evaluator:
 
     def packed_size(self, plan) -> int:
         from bitplan.costmodels import model_nbytes
-        from bitplan.kernels.apply import apply_plan_
+        from bitplan.apply import apply_plan_
         k = self.key(plan)
         if k not in self.sizes:
             t0 = time.perf_counter()
@@ -102,7 +102,7 @@ class Evaluator:
 
     def __call__(self, plan, pack: bool = True) -> tuple[dict, int, str]:
         """(metrics, size bytes, "packed" | "predicted")."""
-        from bitplan.kernels.apply import apply_plan_
+        from bitplan.apply import apply_plan_
         k = self.key(plan)
         if k not in self.cache:
             t0 = time.perf_counter()
@@ -122,9 +122,9 @@ def plan_bits(plan) -> str:
 
 def run_task(name: str, quick: bool, work: str, seed: int, log) -> dict:
     from bitplan.costmodels import base_nbytes
-    from bitplan.graph import LayerGraph
+    from bitplan.core.graph import LayerGraph
     from bitplan.kernels.formats import QuantSpec
-    from bitplan.batches import run_model
+    from bitplan.core.batches import run_model
 
     t_task = time.perf_counter()
     task = load_task(name, work, quick)
@@ -251,7 +251,7 @@ def run_task(name: str, quick: bool, work: str, seed: int, log) -> dict:
             rows.append({**r, "method": "bitplan_best", "label": f"bitplan best = {best}"})
 
     # --- packed numerics check on one plan: packed forward == fake forward
-    from bitplan.kernels.apply import apply_plan_
+    from bitplan.apply import apply_plan_
     u4 = uniform(ctx, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

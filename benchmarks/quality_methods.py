@@ -27,7 +27,7 @@ import torch
 
 from bitplan.allocator import Problem, solve
 from bitplan.costmodels import size_table
-from bitplan.errors import InfeasibleBudgetError
+from bitplan.allocator import InfeasibleBudgetError
 from bitplan.kernels.formats import QuantSpec
 from bitplan.kernels.quantizer import fake_quantize
 from bitplan.plan import Plan
@@ -104,7 +104,7 @@ def hessian_with_specs(ctx: Context, specs: list[QuantSpec]) -> Scored:
 
 
 def _weight_2d(model, lay):
-    from bitplan.graph import layer_weight_2d
+    from bitplan.core.graph import layer_weight_2d
     return layer_weight_2d(model.get_submodule(lay.name), lay.kind)
 
 

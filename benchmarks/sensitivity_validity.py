@@ -130,7 +130,7 @@ def table(model_name: str, method: str, threads: int, fresh: bool):
 @torch.no_grad()
 def true_delta(model, batches, loss_fn, config: dict, bits=BITS) -> float:
     """Loss increase on ``batches`` with the layers in ``config`` {name: bits} quantized together."""
-    from bitplan.graph import layer_kind, layer_weight_2d
+    from bitplan.core.graph import layer_kind, layer_weight_2d
     from bitplan.kernels.quantizer import fake_quantize
     from bitplan.sensitivity.losses import resolve_loss
     fn, _ = resolve_loss(loss_fn, model, batches)
@@ -211,7 +211,7 @@ def main(argv=None) -> None:
         worker(a.worker[0], a.worker[1], a.threads)
         return
     if a.truth:                         # precompute ground truth in parallel with the estimators
-        from bitplan.graph import LayerGraph
+        from bitplan.core.graph import LayerGraph
         model, calib, *_ = SPECS[a.truth[0]]()
         torch.set_num_threads(a.threads)
         ground_truth(a.truth[0], LayerGraph.build(model, calib[0]).names, a.fresh, a.configs,

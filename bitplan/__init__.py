@@ -3,28 +3,32 @@
     >>> import bitplan
     >>> plan = bitplan.allocate(model, budget_mb=5.0, calib_data=batches)
     >>> bitplan.apply_plan_(model, plan, mode="packed")
+
+Submodules users call directly are attributes too (imported on first use): ``bitplan.budgets``,
+``bitplan.scoring``, ``bitplan.frontier``, ``bitplan.packed_io``, ``bitplan.plots``,
+``bitplan.exports``, ``bitplan.report``, ``bitplan.models``, ``bitplan.evaluate``.
 """
-from .errors import InfeasibleBudgetError, PlanMismatchError
+import importlib
 
-__version__ = "0.1.0"
-__all__ = ["allocate", "apply_plan_", "Plan", "LayerGraph", "save_packed", "load_packed",
-           "InfeasibleBudgetError", "PlanMismatchError", "__version__"]
+from .core.errors import PlanMismatchError
+from .core.spec import QuantSpec
+from .core.version import __version__
+
+__all__ = ["allocate", "refine", "apply_plan_", "Plan", "QuantSpec", "LayerGraph", "save_packed",
+           "load_packed", "InfeasibleBudgetError", "PlanMismatchError", "__version__"]
+
+_LAZY = {"allocate": ("api", "allocate"), "refine": ("refine", "refine"), "Plan": ("plan", "Plan"),
+         "LayerGraph": ("core.graph", "LayerGraph"), "save_packed": ("packed_io", "save_packed"),
+         "load_packed": ("packed_io", "load_packed"), "apply_plan_": ("apply", "apply_plan_"),
+         "InfeasibleBudgetError": ("allocator.errors", "InfeasibleBudgetError")}
+_SUBMODULES = ("budgets", "scoring", "frontier", "packed_io", "plots", "exports", "report", "models",
+               "evaluate", "api", "plan", "apply", "core", "allocator", "sensitivity", "costmodels", "kernels")
 
 
-def __getattr__(name):          # lazy: `import bitplan` stays light (no pulp / cvxpy / transformers)
-    if name == "allocate":
-        from .api import allocate
-        return allocate
-    if name == "Plan":
-        from .plan import Plan
-        return Plan
-    if name == "LayerGraph":
-        from .graph import LayerGraph
-        return LayerGraph
-    if name in ("save_packed", "load_packed"):
-        from . import packed_io
-        return getattr(packed_io, name)
-    if name == "apply_plan_":
-        from .kernels.apply import apply_plan_
-        return apply_plan_
+def __getattr__(name):          # lazy: `import bitplan` stays light (no torch, pulp, cvxpy, transformers)
+    if name in _LAZY:
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'bitplan' has no attribute {name!r}")

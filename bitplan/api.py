@@ -1,29 +1,31 @@
 """``bitplan.allocate``: model + calibration data + budgets -> Plan.
 
-model -> LayerGraph -> sensitivity table (L x B) -> cost tables (L x B) -> Problem -> Solution -> Plan.
+model -> LayerGraph -> options (bits x group size x act bits x method, masked per layer) ->
+sensitivity table (L x B) -> cost tables (L x B) -> Problem -> Solution -> Plan [-> refine].
 """
 from __future__ import annotations
 
 import math
-import platform
-import time
+import numbers
 import warnings
 
+import numpy as np
 import torch
 
-from . import __version__
-from .errors import InfeasibleBudgetError
-from .graph import LayerGraph
-from .kernels.formats import QuantSpec, check_bits
+from .assemble import make_plan
+from .core.graph import LayerGraph
+from .core.spec import QuantSpec
+from .options import DEFAULTS, Options, resolve_options
 from .plan import Plan
 
-__all__ = ["allocate", "build_problem"]
+__all__ = ["allocate", "build_problem", "expected_kernels"]
 
 
-def _positive(name, v):
+def _budget(name, v):
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) \
+            or float(v) <= 0:
         raise ValueError(f"{name}={v!r} must be a positive finite number")
     return float(v)
 
@@ -45,115 +47,172 @@ def fixed_latency_ms(profile, name: str | None) -> float:
     return float(profile.fixed[name]["median_ms"])
 
 
-def build_problem(graph: LayerGraph, table, specs, base_bytes: int, budget_mb=None, max_bops=None,
-                  latency_profile=None, max_latency_ms=None, tie=None, keep=None,
-                  latency_fixed=None, latency_tokens=None):
+def _keep_mask(graph: LayerGraph, opts: Options, keep) -> np.ndarray:
+    """(L, B) allowed after ``keep`` pins (fqn -> bits or QuantSpec; a tied module's alias names its layer)."""
+    allowed = opts.allowed.copy()
+    if keep is None:
+        return allowed
+    if not isinstance(keep, dict):
+        raise TypeError(f"keep={keep!r} must be a dict layer name -> bits (int) or QuantSpec, "
+                        "e.g. {'classifier': 8}")
+    owner = {m: l.name for l in graph.layers for m in l.modules}
+    for name, want in keep.items():
+        if name not in owner:
+            raise ValueError(f"keep={{{name!r}: ...}}: no quantizable layer of that name; layers are e.g. "
+                             f"{graph.names[:3]}")
+        i = graph.index(owner[name])
+        if isinstance(want, QuantSpec):
+            cols = [j for j, s in enumerate(opts.specs) if s == want]
+        elif isinstance(want, (int, np.integer)) and not isinstance(want, (bool, np.bool_)):
+            cols = [j for j, s in enumerate(opts.specs) if s.bits == int(want)]
+        else:
+            raise TypeError(f"keep={{{name!r}: {want!r}}}: give the bits as an int (e.g. 8) or a QuantSpec, "
+                            f"not {type(want).__name__}")
+        row = np.zeros(len(opts.specs), bool)
+        row[cols] = True
+        if not (row & allowed[i]).any():
+            have = sorted({s.label for s, a in zip(opts.specs, allowed[i]) if a})
+            raise ValueError(f"keep={{{name!r}: {want!r}}}: not among the options this layer can take {have}")
+        allowed[i] &= row
+    return allowed
+
+
+def build_problem(graph: LayerGraph, table, opts: Options, base_bytes: int, budget_mb=None, max_bops=None,
+                  latency_profile=None, max_latency_ms=None, tie=None, keep=None, latency_fixed=None,
+                  latency_tokens=None, allowed=None):
     """Assemble the allocator Problem (budgets on the quantizable part: fixed bytes and fixed ms
     subtracted). Returns ``(problem, fixed_latency_ms)``."""
     from .allocator import Problem
     from .costmodels import MB, cost_table
-    costs, budgets = {"size_bytes": cost_table("size", graph.layers, specs)}, {}
-    fixed_ms = 0.0
+    allowed = (_keep_mask(graph, opts, keep) if allowed is None else allowed) & table.allowed
+    specs = list(opts.specs)
+    costs = {"size_bytes": cost_table("size", graph.layers, specs, allowed=allowed)}
+    budgets, fixed_ms = {}, 0.0
     if budget_mb is not None:
         budgets["size_bytes"] = budget_mb * MB - base_bytes
     if max_bops is not None:
-        costs["bops"] = cost_table("bops", graph.layers, specs)
+        costs["bops"] = cost_table("bops", graph.layers, specs, allowed=allowed)
         budgets["bops"] = max_bops
     if max_latency_ms is not None:
         if latency_profile is None:
             raise ValueError("max_latency_ms needs latency_profile (a path or LatencyProfile from "
                              "`bitplan calibrate`)")
-        from .costmodels.latency import latency_table, load_profile
+        from .costmodels.latency import load_profile
         prof = load_profile(latency_profile)
-        costs["latency_ms"] = latency_table(graph.layers, specs, prof, tokens=latency_tokens)
+        costs["latency_ms"] = cost_table("latency", graph.layers, specs, allowed=allowed, profile=prof,
+                                         tokens=latency_tokens)
         fixed_ms = fixed_latency_ms(prof, latency_fixed)
         budgets["latency_ms"] = max_latency_ms - fixed_ms
-    fixed = {}
-    for name, b in (keep or {}).items():
-        if name not in graph.names:
-            raise ValueError(f"keep={{{name!r}: {b}}}: no quantizable layer of that name")
-        opts = [s.bits for s in specs]
-        if b not in opts:
-            raise ValueError(f"keep={{{name!r}: {b}}}: {b} bits is not among the options {opts}")
-        fixed[graph.index(name)] = opts.index(b)
-    return Problem(table.loss, costs, budgets, graph.tie_groups(tie), graph.names, fixed), fixed_ms
+    return Problem(table.loss, costs, budgets, graph.tie_groups(tie), graph.names, {}, allowed), fixed_ms
+
+
+def expected_kernels(graph: LayerGraph, specs: dict, device="cpu") -> tuple[dict, list[str]]:
+    """({layer: kernel packed apply will run on ``device``}, [fallback lines]) for chosen specs."""
+    from .costmodels.size import storage_kind
+    from .kernels.registry import select_kernel
+    out, falls = {}, []
+    for l in graph.layers:
+        s = specs[l.name]
+        kname, why = select_kernel(s, l.out_features, l.in_features, device, storage_kind(l))
+        out[l.name] = kname
+        if why:
+            falls.append(f"{l.name} ({s.label}, N={l.out_features}, K={l.in_features}): {why}")
+    return out, falls
+
+
+def _infeasible(e, base: int, fixed_ms: float):
+    """The solver saw budgets net of the fixed bytes / ms: restate every number as a total."""
+    from .allocator import InfeasibleBudgetError
+    from .costmodels import MB
+    small = {}
+    for k, v in e.smallest.items():
+        if k == "size_bytes":
+            small["size_mb"] = (v + base) / MB
+        elif k == "latency_ms":
+            small["latency_ms"] = v + fixed_ms
+        else:
+            small[k] = v
+    parts = [f"size {small['size_mb']:.6f} MB" if "size_mb" in small else "",
+             f"latency {small['latency_ms']:.4f} ms" if "latency_ms" in small else "",
+             f"BOPs {small['bops']:.6g}" if "bops" in small else ""]
+    msg = ("no plan meets the budgets together" if not any("below the smallest" in a for a in e.args)
+           else "a budget is below its smallest feasible value")
+    return InfeasibleBudgetError(f"{msg}; smallest feasible value of each budget on its own (totals): "
+                                 + ", ".join(p for p in parts if p), small)
 
 
 def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=None, loss_fn=None,
-             bits=(2, 3, 4, 8), sensitivity: str = "hessian", solver: str = "ilp",
-             latency_profile=None, max_latency_ms: float | None = None, max_bops: float | None = None,
-             seed: int = 0, group_size: int | None = None, symmetric: bool = True,
-             tie: str | None = None, keep: dict | None = None, sensitivity_table=None,
-             sensitivity_opts: dict | None = None, solver_opts: dict | None = None,
-             latency_fixed: str | None = None, latency_tokens: int | None = None) -> Plan:
-    """Choose every quantizable layer's weight bits to lose the least under the budgets.
+             bits=DEFAULTS["bits"], group_size=DEFAULTS["group_size"], act_bits=DEFAULTS["act_bits"],
+             quant_method=DEFAULTS["quant_method"], refine_seconds: float | None = None,
+             sensitivity: str = "hessian", solver: str = "ilp", latency_profile=None,
+             max_latency_ms: float | None = None, max_bops: float | None = None, seed: int = 0,
+             symmetric=DEFAULTS["symmetric"], tie: str | None = None, keep: dict | None = None,
+             sensitivity_table=None, sensitivity_opts: dict | None = None, solver_opts: dict | None = None,
+             latency_fixed: str | None = None, latency_tokens: int | None = None, options=None,
+             refine_opts: dict | None = None) -> Plan:
+    """Choose every quantizable layer's option to lose the least under the budgets.
 
+    Options are the product of ``bits``, ``group_size`` (None = per channel), ``act_bits`` (None =
+    fp activations), ``quant_method`` and ``symmetric`` — each a value or a tuple — masked per layer
+    (a group must divide the layer's input dim), or the explicit ``options`` (QuantSpecs).
     ``budget_mb`` is the whole model after packing (1 MB = 10**6 bytes, every parameter and buffer).
-    ``keep`` fixes layers (fqn -> bits); ``tie="shared_input"`` makes q/k/v-style siblings share bits;
-    ``sensitivity_table`` (a Sensitivity or a path) re-solves without re-scoring. The model is never
-    mutated. ``max_latency_ms`` bounds Σ per-layer kernel times from ``latency_profile`` (at
-    ``latency_tokens`` rows per matmul, default the calibration batch's tokens per sample) plus the
-    profile's fixed cost ``latency_fixed`` (the non-quantized ops, measured by `bitplan calibrate`).
+    ``keep`` pins layers (fqn -> bits or QuantSpec); ``tie="shared_input"`` makes q/k/v-style siblings
+    share an option; ``sensitivity_table`` (a Sensitivity or a path) re-solves without re-scoring and
+    must have been scored for the same options. ``max_latency_ms`` bounds Σ per-layer kernel times from
+    ``latency_profile`` plus its fixed cost. ``refine_seconds`` runs the joint search
+    (:func:`bitplan.refine`) on the solver's plan. The model, its BatchNorm statistics and torch's
+    global RNG are never touched.
 
     Example:
-        >>> plan = bitplan.allocate(model, budget_mb=5.0, calib_data=batches, bits=(2, 3, 4, 8))
+        >>> plan = bitplan.allocate(model, budget_mb=5.0, calib_data=batches, bits=(2, 3, 4, 8),
+        ...                         group_size=(None, 128))
         >>> plan.bits["fc1"], plan.predicted["size_bytes"]
     """
-    from .batches import as_batches
+    from .allocator import InfeasibleBudgetError, solve
+    from .allocator.problem import FEAS_RTOL
+    from .core.batches import as_batches
     from .costmodels import MB, base_nbytes, cost_table
-    from .sensitivity import load as load_table, score
-    from .allocator import solve
+    from .sensitivity import Sensitivity, load as load_table, score
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    budget_mb, max_latency_ms, max_bops = (_positive("budget_mb", budget_mb),
-                                           _positive("max_latency_ms", max_latency_ms),
-                                           _positive("max_bops", max_bops))
+    budget_mb, max_latency_ms, max_bops = (_budget("budget_mb", budget_mb),
+                                           _budget("max_latency_ms", max_latency_ms),
+                                           _budget("max_bops", max_bops))
     if budget_mb is None and max_latency_ms is None and max_bops is None:
         raise ValueError("give at least one budget: budget_mb, max_latency_ms or max_bops")
-    bits = tuple(check_bits(b) for b in bits)
-    specs = [QuantSpec(b, group_size, symmetric) for b in bits]
+    if refine_seconds is not None:
+        refine_seconds = _budget("refine_seconds", refine_seconds)
     batches = as_batches(calib_data) if calib_data is not None else None
-    # graph (one forward under hooks on the first batch; static when no data)
     fwd = (lambda m, b: loss_fn(m, b)) if callable(loss_fn) else None
     graph = LayerGraph.build(model, batches[0] if batches else None, forward=fwd)
     base = base_nbytes(model, graph.names)
-    if budget_mb is not None:        # fail fast, before the expensive scoring
-        size = cost_table("size", graph.layers, specs)
-        smallest = (base + size.min(1).sum()) / MB
-        if budget_mb * MB < base + size.min(1).sum():
+    opts = resolve_options(graph, bits, group_size, act_bits, quant_method, symmetric, options)
+    allowed = _keep_mask(graph, opts, keep)
+    if budget_mb is not None:        # fail fast, before the expensive scoring (the solver's slack)
+        size = cost_table("size", graph.layers, list(opts.specs), allowed=allowed)
+        smallest = base + np.where(allowed, size, np.inf).min(1).sum()
+        net = budget_mb * MB - base
+        if net + FEAS_RTOL * max(abs(net), 1.0) < smallest - base:
             raise InfeasibleBudgetError(
-                f"budget_mb={budget_mb} is below the smallest feasible size {smallest:.6f} MB "
-                f"(every layer at {min(bits)} bits; {base / MB:.6f} MB is not quantizable)",
-                {"size_mb": smallest})
-    # sensitivity
+                f"budget_mb={budget_mb} is below the smallest feasible size {smallest / MB:.6f} MB (every "
+                f"layer at its smallest option; {base / MB:.6f} MB of it is not quantizable)",
+                {"size_mb": smallest / MB})
     if sensitivity_table is not None:
-        table = load_table(sensitivity_table) if not hasattr(sensitivity_table, "loss") else sensitivity_table
-        if table.names != graph.names or tuple(table.bits) != bits:
-            raise ValueError(f"sensitivity_table does not match: its layers/bits {len(table.names)} x "
-                             f"{table.bits} vs model {len(graph.names)} x {bits}")
+        table = sensitivity_table if isinstance(sensitivity_table, Sensitivity) else load_table(sensitivity_table)
+        table.check_matches(graph.names, opts.specs, graph.fingerprint)
     else:
-        table = score(model, batches, method=sensitivity, bits=bits, loss_fn=loss_fn, seed=seed,
-                      group_size=group_size, symmetric=symmetric, graph=graph, **(sensitivity_opts or {}))
-    # costs -> problem -> solution
-    problem, fixed_ms = build_problem(graph, table, specs, base, budget_mb, max_bops, latency_profile,
-                            max_latency_ms, tie, keep, latency_fixed, latency_tokens)
+        table = score(model, batches, method=sensitivity, loss_fn=loss_fn, seed=seed, options=opts.specs,
+                      graph=graph, **(sensitivity_opts or {}))
+    problem, fixed_ms = build_problem(graph, table, opts, base, budget_mb, max_bops, latency_profile,
+                                      max_latency_ms, tie, keep, latency_fixed, latency_tokens, allowed)
     try:
         sol = solve(problem, method=solver, **(solver_opts or {}))
     except InfeasibleBudgetError as e:
-        small = dict(e.smallest)       # the solver saw budgets net of the fixed bytes / fixed ms
-        if "size_bytes" in small:
-            small["size_mb"] = (small["size_bytes"] + base) / MB
-        if "latency_ms" in small:
-            small["latency_ms"] += fixed_ms
-        fixed = [f"{base} bytes" if "size_bytes" in small else "",
-                 f"{fixed_ms:.6g} ms" if "latency_ms" in small else ""]
-        note = " and ".join(f for f in fixed if f)
-        raise InfeasibleBudgetError(f"{e} (values net of the fixed {note} no option changes); "
-                                    f"smallest feasible totals: {small}", small) from e
-    layers = {n: specs[c] for n, c in zip(graph.names, sol.choice)}
-    predicted = {k: float(v) for k, v in sol.totals.items()}
-    predicted["size_bytes"] = float(base + sol.totals["size_bytes"])
+        raise _infeasible(e, base, fixed_ms) from e
+    specs = {n: opts.specs[c] for n, c in zip(graph.names, sol.choice)}
+    predicted = {k: float(v) for k, v in sol.totals.items() if k != "size_bytes"}
+    predicted["loss"] = float(sol.objective)
     budgets = {}
     if budget_mb is not None:
         budgets["size_bytes"] = budget_mb * MB
@@ -163,16 +222,22 @@ def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=
         budgets["latency_ms"] = max_latency_ms
         predicted["latency_ms"] = float(sol.totals["latency_ms"] + fixed_ms)
         predicted["latency_fixed_ms"] = float(fixed_ms)
+    kernels_here, falls = expected_kernels(graph, specs)
+    if falls:
+        warnings.warn(f"{len(falls)} layer(s) of this plan have no real kernel on this CPU and will run "
+                      f"the reference 'dequant' path after packed apply, e.g. {'; '.join(falls[:3])}",
+                      RuntimeWarning, stacklevel=2)
     finite = lambda v: float(v) if math.isfinite(v) else None     # noqa: E731  (JSON has no inf)
-    return Plan(
-        model_fingerprint=graph.fingerprint, layers=layers, predicted=predicted, budgets=budgets,
+    plan = make_plan(
+        graph, specs, base, budgets=budgets, predicted=predicted,
         estimator={"name": table.method, "seconds": float(table.meta.get("seconds", 0.0)),
-                   "loss": str(table.meta.get("loss", "")), "bits": list(bits),
-                   "group_size": group_size, "symmetric": symmetric,
-                   "probes": table.meta.get("probes")},
-        solver={"name": sol.method, "status": sol.status, "objective": sol.objective,
-                "bound": finite(sol.bound), "gap": finite(sol.gap), "seconds": sol.seconds},
-        meta={"bitplan_version": __version__, "torch_version": torch.__version__,
-              "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "base_bytes": base, "tie": tie, "seed": seed,
-              "layer_shapes": {l.name: list(l.weight_shape) for l in graph.layers}})
+                   "loss": str(table.meta.get("loss", "")), "probes": table.meta.get("probes"),
+                   "options": [s.to_dict() for s in opts.specs]},
+        solver={"name": sol.method, "status": sol.status, "objective": float(sol.objective),
+                "bound": finite(sol.bound), "gap": finite(sol.gap), "seconds": float(sol.seconds)},
+        meta={"tie": tie, "seed": seed, "kernels_here": kernels_here})
+    if refine_seconds is not None:
+        from .refine import refine
+        plan = refine(model, plan, batches, loss_fn=loss_fn, seconds=refine_seconds, table=table,
+                      problem=problem, options=opts, seed=seed, **(refine_opts or {}))
+    return plan

@@ -1,110 +1,200 @@
-"""Save a packed model to a folder and load it back with one call.
+"""Save a packed model to a folder and load it back with one call — safely.
 
 Folder layout (what ``bitplan apply`` writes)::
 
     model_dir/
       model.safetensors     every parameter and buffer of the packed model (codes uint8, scales fp16,
-                            biases, embeddings, ...), tied tensors stored once
-      plan.json             the plan, with the kernel each layer runs (``Plan.with_kernels``)
-      bitplan_packed.json   manifest: format version, model spec (how to rebuild the fp skeleton),
-                            byte count
+                            biases, norms, ...), tied tensors stored once
+      plan.json             the plan, with the kernel each module ran (``Plan.kernels``)
+      bitplan_packed.json   manifest: format version, byte count, how to rebuild the fp skeleton
+      skeleton/             Hugging Face models only: config.json, generation config and tokenizer
+                            files copied from the source folder (no weights, no code)
 
-Loading rebuilds the module structure (fp skeleton -> ``apply_plan_(..., mode="packed")``) and then
-overwrites every tensor from the safetensors file (strict: a missing or unexpected tensor is an
-error), so the loaded model computes exactly what the saved one did.
+Loading never imports or calls anything named by the folder's own files, and never reads outside
+the folder: the skeleton comes from the CALLER's factory / model / spec, or from the manifest's
+built-in model name (only names bitplan ships), or from ``skeleton/config.json`` through
+transformers' ``from_config`` (``trust_remote_code`` is never set; a config that needs remote code
+is refused). File names are fixed, not read from the manifest. Saving writes a new folder beside the
+target and swaps it in, so a failure leaves the previous folder loadable; a non-empty folder that
+is not a bitplan packed folder is never overwritten.
 
 Example:
     >>> save_packed(model, plan, "out/tiny_w4")            # packs a copy unless already packed
-    >>> model = load_packed("out/tiny_w4", my_factory)     # callable, spec string or nn.Module
+    >>> model = load_packed("out/tiny_w4", my_factory)     # callable, nn.Module or spec string
 """
 from __future__ import annotations
 
 import copy
-import json
 import os
+import shutil
+import tempfile
 
 from torch import nn
 
-from .plan import Plan, atomic_write_text
+from .core.jsonio import (Fields, atomic_write_json, dict_of, integer, one_of, read_json, string, version)
+from .plan import Plan
 
 __all__ = ["save_packed", "load_packed", "read_manifest", "FORMAT", "FORMAT_VERSION",
-           "WEIGHTS_FILE", "PLAN_FILE", "MANIFEST_FILE"]
+           "WEIGHTS_FILE", "PLAN_FILE", "MANIFEST_FILE", "SKELETON_DIR"]
 
 FORMAT = "bitplan-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "bitplan_packed.json"
+SKELETON_DIR = "skeleton"
+BUILTIN = ("minilm",)                     # skeletons bitplan can rebuild by name
+_SKELETON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
+                   "added_tokens.json", "chat_template.jinja")
 
 
 def _is_packed(model: nn.Module) -> bool:
     """True after ``apply_plan_(model, plan, mode="packed")`` (fake mode records kernel "fake")."""
     applied = getattr(model, "bitplan_plan", None)
-    return applied is not None and all(s.kernel not in (None, "fake") for s in applied.layers.values())
+    return applied is not None and bool(applied.kernels) and "fake" not in applied.kernels.values()
 
 
-def save_packed(model: nn.Module, plan: Plan, folder, model_spec: str | None = None) -> dict:
+def _skeleton_record(model_spec, source_dir) -> dict:
+    """What rebuilds the fp skeleton: a built-in name, an HF config copied into the folder, or nothing."""
+    if isinstance(model_spec, str) and model_spec in BUILTIN:
+        return {"kind": "builtin", "name": model_spec}
+    if source_dir is not None and os.path.isfile(os.path.join(source_dir, "config.json")):
+        return {"kind": "hf_config", "dir": SKELETON_DIR}
+    return {"kind": "none"}
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_packed(model: nn.Module, plan: Plan, folder, model_spec: str | None = None,
+                source_dir: str | None = None, model_class: str | None = None) -> dict:
     """Write ``model`` packed by ``plan`` to ``folder``; returns the manifest.
 
     ``model`` may be the fp model (a packed copy is made; the argument is not modified) or a model
-    already packed by ``apply_plan_(model, plan, mode="packed")``. ``model_spec`` (e.g.
-    ``"pkg.module:function"`` or ``"minilm"``) is recorded so ``load_packed(folder)`` can rebuild
-    the skeleton by itself.
+    already packed by ``apply_plan_(model, plan, mode="packed")``. ``model_spec`` is recorded for
+    information (a built-in name like ``"minilm"`` also rebuilds the skeleton); ``source_dir`` (the
+    model's Hugging Face folder) has its config and tokenizer files copied in so the folder rebuilds
+    by itself; ``model_class`` ("causal_lm" | "encoder") says how to rebuild it.
 
     Example: ``save_packed(model, Plan.load("plan.json"), "model_dir", model_spec="minilm")``
     """
     from safetensors.torch import save_model
 
-    from . import __version__
+    from .apply import apply_plan_
+    from .core.version import __version__
     from .costmodels import model_nbytes
-    from .kernels.apply import apply_plan_
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a bitplan.Plan, got {type(plan).__name__}")
+    if model_class not in (None, "causal_lm", "encoder"):
+        raise ValueError(f"model_class={model_class!r}; allowed: None, 'causal_lm', 'encoder'")
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.exists(folder) and (not os.path.isdir(folder) or (
+            os.listdir(folder) and not os.path.isfile(os.path.join(folder, MANIFEST_FILE)))):
+        raise ValueError(f"{folder} exists and is not a bitplan packed folder; refusing to overwrite it "
+                         "(give a new or empty folder)")
     packed = model if _is_packed(model) else apply_plan_(copy.deepcopy(model), plan, mode="packed")
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp_{WEIGHTS_FILE}")
-    save_model(packed, tmp, metadata={"format": "pt", "bitplan_format": FORMAT,
-                                      "bitplan_version": __version__}, force_contiguous=True)
-    os.replace(tmp, os.path.join(folder, WEIGHTS_FILE))
     saved_plan = getattr(packed, "bitplan_plan", None) or plan
-    saved_plan.save(os.path.join(folder, PLAN_FILE))
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_spec": model_spec,
-                "weights": WEIGHTS_FILE, "plan": PLAN_FILE, "size_bytes": int(model_nbytes(packed)),
-                "bitplan_version": __version__}
-    atomic_write_text(os.path.join(folder, MANIFEST_FILE), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.tmp-")
+    try:
+        save_model(packed, os.path.join(tmp, WEIGHTS_FILE), metadata={
+            "format": "pt", "bitplan_format": FORMAT, "bitplan_version": __version__}, force_contiguous=True)
+        saved_plan.save(os.path.join(tmp, PLAN_FILE))
+        skel = _skeleton_record(model_spec, source_dir)
+        if skel["kind"] == "hf_config":
+            os.makedirs(os.path.join(tmp, SKELETON_DIR))
+            for f in _SKELETON_FILES:
+                src = os.path.join(source_dir, f)
+                if os.path.isfile(src) and not os.path.islink(src):
+                    shutil.copyfile(src, os.path.join(tmp, SKELETON_DIR, f))
+            skel["model_class"] = model_class or "encoder"
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "size_bytes": int(model_nbytes(packed)),
+                    "bitplan_version": __version__, "skeleton": skel,
+                    "model_spec": str(model_spec) if model_spec is not None else ""}
+        atomic_write_json(os.path.join(tmp, MANIFEST_FILE), manifest)
+        os.chmod(tmp, 0o777 & ~_umask())
+        _fsync_dir(tmp)
+        old = None
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.old-")
+            os.rmdir(old)
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return manifest
 
 
-def read_manifest(folder) -> dict:
-    """The manifest of a packed folder; ``ValueError`` naming the folder when it is not one."""
-    path = os.path.join(os.fspath(folder), MANIFEST_FILE)
-    try:
-        with open(path) as f:
-            m = json.load(f)
-    except FileNotFoundError as e:
-        raise ValueError(f"{folder} is not a bitplan packed model folder (no {MANIFEST_FILE}); "
-                         "write one with `bitplan apply` or bitplan.packed_io.save_packed") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {m.get('format') if isinstance(m, dict) else m!r} version "
-                         f"{m.get('format_version') if isinstance(m, dict) else None!r} is not supported; "
-                         f"this bitplan reads {FORMAT} version {FORMAT_VERSION}")
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
     return m
 
 
-def _skeleton(model_factory_or_spec, manifest: dict) -> nn.Module:
-    src = model_factory_or_spec if model_factory_or_spec is not None else manifest.get("model_spec")
+def _skeleton_check(v, where):
+    f = Fields(v, where, {"kind": one_of("builtin", "hf_config", "none")},
+               {"name": one_of(*BUILTIN), "dir": one_of(SKELETON_DIR), "model_class": one_of("causal_lm", "encoder")})
+    if f["kind"] == "builtin" and "name" not in f:
+        raise ValueError(f"{where}: a builtin skeleton needs a name among {list(BUILTIN)}")
+    return dict(f)
+
+
+def read_manifest(folder) -> dict:
+    """The manifest of a packed folder, read strictly; ``ValueError`` naming the folder when it is not one.
+
+    Example: ``read_manifest("model_dir")["size_bytes"]``
+    """
+    path = os.path.join(os.fspath(folder), MANIFEST_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} is not a bitplan packed model folder (no {MANIFEST_FILE}); "
+                         "write one with `bitplan apply` or bitplan.save_packed")
+    d = read_json(path, "bitplan packed-folder manifest", max_bytes=1 << 20)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: a manifest must be a JSON object")
+    if d.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {d.get('format')!r} is not {FORMAT!r}")
+    version({FORMAT_VERSION})(d.get("format_version"), f"{path}: format_version")
+    return dict(Fields(d, path, {"format": string(64), "format_version": integer(), "size_bytes": integer(0),
+                                 "bitplan_version": string(64), "skeleton": _skeleton_check,
+                                 "model_spec": string(4096)}, {"notes": dict_of(string(4096))}))
+
+
+def _from_hf_config(skel_dir: str, model_class: str) -> nn.Module:
+    from .models import skeleton_from_config
+    return skeleton_from_config(skel_dir, model_class)
+
+
+def _skeleton(src, manifest: dict, folder: str) -> nn.Module:
     if src is None:
-        raise ValueError("load_packed needs a model factory, spec or nn.Module: the folder's manifest "
-                         "records no model_spec")
+        skel = manifest["skeleton"]
+        if skel["kind"] == "builtin":
+            from .models import load_model
+            return load_model(skel["name"]).model
+        if skel["kind"] == "hf_config":
+            return _from_hf_config(os.path.join(folder, SKELETON_DIR), skel.get("model_class", "encoder"))
+        raise ValueError(f"{folder}: the folder records no skeleton it can rebuild by itself (it was saved "
+                         "from a 'pkg.module:function' model, whose code a folder never names); pass the "
+                         "model factory: load_packed(folder, factory)")
     if isinstance(src, nn.Module):
         return copy.deepcopy(src)
-    if isinstance(src, str):
+    if isinstance(src, str):                # the CALLER's spec, never the folder's
         from .models import load_model
         return load_model(src).model
     if callable(src):
@@ -122,22 +212,37 @@ def load_packed(folder, model_factory_or_spec=None) -> nn.Module:
 
     ``model_factory_or_spec``: a callable returning the fp model (or ``(model, calib_data)``), a model
     spec string (``"minilm"``, ``"pkg.module:function"``, an HF folder), an ``nn.Module`` skeleton (not
-    modified), or None to use the spec recorded at save time. Only the architecture matters: every
-    tensor is replaced by the saved one.
+    modified), or None to rebuild from the folder itself (built-in name or copied HF config). Only
+    the architecture matters: every tensor is replaced by the saved one.
 
     Example: ``model = load_packed("model_dir", "tests.fixtures_models:tiny")``
     """
     from safetensors.torch import load_model
 
-    from .kernels.apply import apply_plan_
+    from .apply import check_plan
+    from .kernels.modules import quantize_modules_
 
     folder = os.fspath(folder)
     manifest = read_manifest(folder)
-    plan = Plan.load(os.path.join(folder, manifest.get("plan", PLAN_FILE)))
-    model = _skeleton(model_factory_or_spec, manifest)
-    apply_plan_(model, plan, mode="packed")        # same module structure as the saved model
-    missing, unexpected = load_model(model, os.path.join(folder, manifest.get("weights", WEIGHTS_FILE)),
-                                     strict=False)
+    plan = Plan.load(os.path.join(folder, PLAN_FILE))
+    model = _skeleton(model_factory_or_spec, manifest, folder)
+    check_plan(model, plan)
+    ran = quantize_modules_(model, dict(plan.layers), "packed", prefer=plan.kernels)
+    moved = {m: (plan.kernels[m], k) for m, k in ran.items() if m in plan.kernels and plan.kernels[m] != k}
+    if moved:
+        m, (was, now) = next(iter(moved.items()))
+        raise ValueError(f"{folder}: {len(moved)} module(s) were saved with a kernel that cannot run here, "
+                         f"e.g. {m}: saved as {was!r}, this machine runs {now!r}; re-apply the plan to the "
+                         "fp model here (`bitplan apply`) instead of loading this folder")
+    model.bitplan_plan = plan.with_kernels(ran)
+    weights = os.path.join(folder, WEIGHTS_FILE)
+    if not os.path.isfile(weights) or os.path.islink(weights):
+        raise ValueError(f"{folder}: {WEIGHTS_FILE} is missing (or a link)")
+    try:
+        missing, unexpected = load_model(model, weights, strict=False)
+    except Exception as e:          # safetensors raises its own errors on corrupt headers / shapes
+        raise ValueError(f"{weights}: does not load into the rebuilt model ({type(e).__name__}: "
+                         f"{str(e)[:300]})") from None
     if missing or unexpected:
         raise ValueError(f"{folder}: saved tensors do not match the rebuilt model; missing "
                          f"{sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}")

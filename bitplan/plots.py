@@ -64,12 +64,12 @@ def plot_frontier(front: dict, path, title: str | None = None) -> str:
     plt = _plt()
     pts = sorted(front["points"], key=lambda p: p["size_mb"])
     uni = front.get("uniform", [])
-    has_measured = any(p.get("measured_loss") is not None for p in pts)
+    has_measured = any(p.get("measured") is not None for p in pts)
     fig, axes = plt.subplots(1, 2 if has_measured else 1, figsize=(11 if has_measured else 6, 4.2),
                              squeeze=False)
     panels = [("predicted_loss", "predicted loss increase (Σ sensitivity)")]
     if has_measured:
-        panels.append(("measured_loss", f"measured loss ({front.get('measured_on') or 'calibration'})"))
+        panels.append(("measured", f"{front.get('metric') or 'measured'} ({front.get('measured_on') or 'calibration'})"))
     for ax, (key, label) in zip(axes[0], panels):
         xs = [p["size_mb"] for p in pts if p.get(key) is not None]
         ys = [p[key] for p in pts if p.get(key) is not None]
@@ -79,12 +79,9 @@ def plot_frontier(front: dict, path, title: str | None = None) -> str:
                 continue
             ax.plot(u["size_mb"], max(u[key], 1e-12), "s", color=_BIT_COLORS.get(u["bits"], "k"),
                     label=f"uniform {u['bits']}-bit")
-        base = front.get("base_loss")
-        if key == "measured_loss" and base is not None:
-            if base > 0:
-                ax.axhline(base, color="k", ls=":", lw=1, label=f"unquantized ({base:.3g})")
-            else:            # label-free losses are 0 at the fp weights: a log axis cannot show it
-                ax.plot([], [], " ", label="unquantized: 0")
+        base = front.get("base_value")
+        if key == "measured" and base is not None and base > 0:
+            ax.axhline(base, color="k", ls=":", lw=1, label=f"unquantized ({base:.3g})")
         ax.set_yscale("log")
         ax.set_xlabel("model size after packing (MB = 10⁶ bytes)")
         ax.set_ylabel(label)
@@ -124,14 +121,15 @@ def plot_sensitivity(table, path, title: str | None = None) -> str:
     """Heat map of log10(predicted loss increase): rows = layers (network order), columns = bits."""
     plt = _plt()
     loss = np.asarray(table.loss, dtype=float)                       # (L, B)
-    pos = loss[loss > 0]
+    pos = loss[(loss > 0) & table.allowed]
     floor = pos.min() if pos.size else 1e-12
-    z = np.log10(np.maximum(loss, floor))                            # (L, B)
-    fig, ax = plt.subplots(figsize=(2.2 + 0.9 * len(table.bits), max(3, min(30, 0.18 * len(table.names) + 1.5))))
+    z = np.where(table.allowed, np.log10(np.maximum(loss, floor)), np.nan)   # (L, B); blank = not allowed
+    labels = [o.label for o in table.options]
+    fig, ax = plt.subplots(figsize=(2.2 + 0.6 * len(labels), max(3, min(30, 0.18 * len(table.names) + 1.5))))
     im = ax.imshow(z, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xticks(range(len(table.bits)))
-    ax.set_xticklabels([f"{b}" for b in table.bits])
-    ax.set_xlabel("weight bits")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_xlabel("option (blank: the layer cannot take it)")
     _ticks(ax, list(table.names), "y", max_labels=60)
     pre = _common_prefix(list(table.names))
     ax.set_ylabel("layer (network order)" + (f", prefix '{pre}' omitted" if pre else ""))

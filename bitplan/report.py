@@ -33,19 +33,22 @@ def depth_order(names) -> tuple[list[str], bool]:
 def layer_rows(plan) -> list[dict]:
     """One dict per layer: name, shape, params, bits, group_size, symmetric, act_bits, kernel, bytes.
 
-    ``bytes`` is the layer's packed weight (codes + fp16 scales/zeros) for a weight seen as
-    (shape[0], prod(shape[1:])) — Linear / Conv layout; None when the plan records no shape.
+    ``bytes`` is the layer's exact packed weight as the plan's size model counted it
+    (``meta["layer_bytes"]``; None for plans that do not record it); ``kernel`` what ran after a
+    packed apply, else what was expected on the planning machine.
     """
     shapes = plan.meta.get("layer_shapes", {})
+    per = plan.meta.get("layer_bytes", {})
+    here = plan.meta.get("kernels_here", {})
     rows = []
     for name in depth_order(plan.layers)[0]:
         s = plan.layers[name]
         shape = shapes.get(name)
         n = int(np.prod(shape)) if shape else None
-        nbytes = s.nbytes(shape[0], n // shape[0]) if shape else None
         rows.append({"name": name, "shape": tuple(shape) if shape else None, "params": n, "bits": s.bits,
                      "group_size": s.group_size, "symmetric": s.symmetric, "act_bits": s.act_bits,
-                     "kernel": s.kernel, "bytes": nbytes})
+                     "kernel": plan.kernels.get(name) or here.get(name), "bytes": per.get(name),
+                     "label": s.label})
     return rows
 
 
@@ -68,16 +71,19 @@ def format_plan(plan) -> str:
     lines.append(f"layers: {len(rows)}   quantized weights: {n:,} elements   bits histogram (layers): {hist}")
     if n:
         avg = sum(r["params"] * r["bits"] for r in known) / n
-        store = sum(r["bytes"] for r in known) * 8 / n
-        lines.append(f"average weight bits: {avg:.3f} (codes only), {store:.3f} (with scales/zeros)   "
-                     f"layer weights: {sum(r['bytes'] for r in known) / 1e6:.6f} MB")
+        line = f"average weight bits: {avg:.3f} (codes only)"
+        if all(r["bytes"] is not None for r in known):
+            store = sum(r["bytes"] for r in known) * 8 / n
+            line += (f", {store:.3f} (with scales/zeros)   layer weights: "
+                     f"{sum(r['bytes'] for r in known) / 1e6:.6f} MB")
+        lines.append(line)
     for k, v in sorted(plan.predicted.items()):
         unit = " MB" if k == "size_bytes" else ""
         lines.append(f"predicted {k}: {v / 1e6 if k == 'size_bytes' else v:.6g}{unit}"
                      + (f"   (budget {plan.budgets[k] / 1e6 if k == 'size_bytes' else plan.budgets[k]:.6g}{unit})"
                         if k in plan.budgets else ""))
     if plan.meta.get("base_bytes") is not None:
-        lines.append(f"not quantized (biases, embeddings, norms): {plan.meta['base_bytes'] / 1e6:.6f} MB")
+        lines.append(f"not quantized (biases, norms, ...): {plan.meta['base_bytes'] / 1e6:.6f} MB")
     est, sol = plan.estimator, plan.solver
     if est:
         lines.append(f"sensitivity: {est.get('name')}  probes={est.get('probes')}  loss: {est.get('loss') or '-'}")
@@ -89,16 +95,18 @@ def format_plan(plan) -> str:
 
 
 def format_sensitivity(table) -> str:
-    """Layers x bits table of predicted loss increases, most sensitive layer (at min bits) marked."""
+    """Layers x options table of predicted loss increases ('-' where a layer cannot take the option),
+    the most sensitive layer at the smallest option marked."""
     w = max([len("layer")] + [len(n) for n in table.names])
-    head = f"{'layer':<{w}}  " + "  ".join(f"{f'{b} bits':>11}" for b in table.bits)
+    labels = [o.label for o in table.options]
+    cw = max(11, max(len(x) for x in labels))
+    head = f"{'layer':<{w}}  " + "  ".join(f"{x:>{cw}}" for x in labels)
     lines = [head, "-" * len(head)]
-    for n, row in zip(table.names, table.loss):
-        lines.append(f"{n:<{w}}  " + "  ".join(f"{v:>11.4g}" for v in row))
+    for n, row, ok in zip(table.names, table.loss, table.allowed):
+        lines.append(f"{n:<{w}}  " + "  ".join(f"{v:>{cw}.4g}" if a else f"{'-':>{cw}}" for v, a in zip(row, ok)))
     lines.append("-" * len(head))
     j = int(np.argmin(table.bits))
-    top = int(np.argmax(table.loss[:, j]))
-    lines.append(f"{table.method}: {len(table.names)} layers x {len(table.bits)} options; most sensitive at "
-                 f"{table.bits[j]} bits: {table.names[top]}; group_size={table.group_size}, "
-                 f"symmetric={table.symmetric}")
+    top = int(np.argmax(np.where(table.allowed[:, j], table.loss[:, j], -1)))
+    lines.append(f"{table.method}: {len(table.names)} layers x {len(labels)} options; most sensitive at "
+                 f"{labels[j]}: {table.names[top]}")
     return "\n".join(lines)

@@ -27,7 +27,9 @@ import numpy as np
 
 from ..kernels.formats import QuantSpec
 from .bops import UNQUANTIZED_ACT_BITS
+from ..kernels.registry import kernel_nbytes
 from .registry import register
+from .size import storage_kind
 
 __all__ = ["area_table", "energy_table", "MUL8_AREA_UM2", "ADD32_AREA_UM2", "MUL8_PJ", "ADD32_PJ",
            "DRAM_PJ_PER_BIT", "SRAM_PJ_PER_BIT"]
@@ -45,7 +47,7 @@ def _bits(spec: QuantSpec) -> tuple[int, int]:
 
 
 def _macs(layers) -> np.ndarray:
-    missing = [l.name for l in layers if l.macs_per_sample <= 0]
+    missing = [l.name for l in layers if l.macs_per_sample <= 0 and any(k != "embedding" for k in l.kinds)]
     if missing:
         raise ValueError(f"area/energy need MACs per sample; layers {missing[:5]} never ran in the recorded "
                          "forward (build the LayerGraph with a calibration batch)")
@@ -83,7 +85,8 @@ def energy_table(layers, specs, device="cpu") -> np.ndarray:
         for j, s in enumerate(specs):
             bw, ba = _bits(s)
             compute = macs[i] * (MUL8_PJ * bw * ba / 64 + ADD32_PJ)
-            weights = 8 * s.nbytes(l.out_features, l.in_features, device, l.kind) * DRAM_PJ_PER_BIT
+            weights = 8 * kernel_nbytes(s, l.out_features, l.in_features, device, storage_kind(l)) \
+                * DRAM_PJ_PER_BIT
             acts = m * (l.in_features * ba + l.out_features * 16) * SRAM_PJ_PER_BIT
             out[i, j] = compute + weights + acts
     return out                                                                        # (L, B) pJ

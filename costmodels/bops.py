@@ -21,7 +21,7 @@ def bops_table(layers, specs) -> np.ndarray:
     Example: ``bops_table(graph.layers, [QuantSpec(4, act_bits=8), QuantSpec(8, act_bits=8)])``
     """
     specs = [s if isinstance(s, QuantSpec) else QuantSpec(s) for s in specs]
-    missing = [l.name for l in layers if l.macs_per_sample <= 0]
+    missing = [l.name for l in layers if l.macs_per_sample <= 0 and any(k != "embedding" for k in l.kinds)]
     if missing:
         raise ValueError(f"BOPs need MACs per sample; layers {missing[:5]} never ran in the recorded "
                          "forward (build the LayerGraph with a calibration batch)")

@@ -63,12 +63,19 @@ def latency_table(layers, specs, profile, tokens: int | None = None, warn_device
     specs = [s if isinstance(s, QuantSpec) else QuantSpec(s) for s in specs]
     out = np.empty((len(layers), len(specs)), dtype=np.float64)                     # (L, B) ms
     for i, l in enumerate(layers):
-        kind = getattr(l, "kind", "linear")
-        if kind not in ("linear", "hf_conv1d"):
-            raise ValueError(f"layer {l.name!r} is a {kind}: latency profiles cover matmul layers only")
+        kinds = getattr(l, "kinds", (getattr(l, "kind", "linear"),))
+        mm = [k for k in kinds if k in ("linear", "hf_conv1d")]
+        if kinds == ("embedding",):          # a lookup: its time is part of the profile's fixed cost
+            out[i] = 0.0
+            continue
+        if not mm:
+            raise ValueError(f"layer {l.name!r} is a {kinds[0]}: latency profiles cover matmul layers only")
+        kind = mm[0]
         n, k, m = l.out_features, l.in_features, _tokens(l, tokens)
         for j, s in enumerate(specs):
-            kname, _ = select_kernel(s, n, k, dev, kind)
+            # a head tied to an embedding runs unpack + dense on the shared table (lowbit_unpack's work)
+            kname = "lowbit_unpack" if "embedding" in kinds and s.bits != 16 else \
+                select_kernel(s, n, k, dev, kind)[0]
             try:
                 out[i, j] = prof.time_ms(option_key(s, kname), n, k, m)
             except ValueError as e:

@@ -2,8 +2,9 @@
 
 size(plan) = Σ_l weight_nbytes(layer l at its option)          (packed codes + fp16 scales/zeros)
            + every other parameter and buffer at its own dtype  (biases, embeddings, norms, ...)
-Tensors shared between modules (tied embeddings) count once, as ``model.parameters()`` does. The
-result equals the byte count of the model after ``apply_plan_(model, plan, mode="packed")``.
+Tensors shared between modules (tied embeddings) count once, as ``model.parameters()`` does; a
+quantized tied weight is one layer whose packed tensors are also stored once. The result equals the
+byte count of the model after ``apply_plan_(model, plan, mode="packed")``.
 1 MB = 10**6 bytes.
 """
 from __future__ import annotations
@@ -12,9 +13,10 @@ import numpy as np
 import torch
 
 from ..kernels.formats import QuantSpec
+from ..kernels.registry import kernel_nbytes
 from .registry import register
 
-__all__ = ["size_table", "model_nbytes", "base_nbytes", "MB"]
+__all__ = ["size_table", "model_nbytes", "base_nbytes", "MB", "storage_kind"]
 
 MB = 10 ** 6
 
@@ -64,5 +66,12 @@ def size_table(layers, specs, device="cpu") -> np.ndarray:
     Example: ``size_table(graph.layers, [QuantSpec(4, 128), QuantSpec(8)])``
     """
     specs = [s if isinstance(s, QuantSpec) else QuantSpec(s) for s in specs]
-    return np.array([[s.nbytes(l.out_features, l.in_features, device, getattr(l, "kind", "linear"))
+    return np.array([[kernel_nbytes(s, l.out_features, l.in_features, device, storage_kind(l))
                       for s in specs] for l in layers], dtype=np.float64)           # (L, B) bytes
+
+
+def storage_kind(layer) -> str:
+    """The kind whose storage a layer's weight takes: an embedding table (and every head tied to
+    one) is stored in the lookup's format."""
+    kinds = getattr(layer, "kinds", (getattr(layer, "kind", "linear"),))
+    return "embedding" if "embedding" in kinds else kinds[0]

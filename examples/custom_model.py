@@ -115,7 +115,7 @@ def main(argv=None):
     print(f"plan: packed {model_nbytes(packed) / 1e3:.1f} kB (predicted {plan.predicted['size_bytes'] / 1e3:.1f}), "
           f"test MSE fake {evaluate(fake, test):.5f}, packed {evaluate(packed, test):.5f}")
     from bitplan.demo import uniform_plan
-    from bitplan.graph import LayerGraph
+    from bitplan.core.graph import LayerGraph
     u3 = bitplan.apply_plan_(copy.deepcopy(model), uniform_plan(LayerGraph.build(model), 3, 32), mode="packed")
     print(f"uniform int3 g32: packed {model_nbytes(u3) / 1e3:.1f} kB, test MSE {evaluate(u3, test):.5f}")
     assert plan.predicted["size_bytes"] <= budget * MB

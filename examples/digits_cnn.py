@@ -85,7 +85,7 @@ def main(argv=None):
     print(f"budget {budget * 1e3:.1f} kB ({args.avg_bits} bits per weight on average); plan bits: {plan.bits}")
 
     from bitplan.demo import uniform_plan
-    from bitplan.graph import LayerGraph
+    from bitplan.core.graph import LayerGraph
     from bitplan.costmodels import base_nbytes
     g = LayerGraph.build(model)
     base = base_nbytes(model, g.names)

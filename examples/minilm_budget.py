@@ -19,7 +19,7 @@ import torch
 import bitplan
 from bitplan.costmodels import MB, base_nbytes, model_nbytes
 from bitplan.demo import fidelity, uniform_plan
-from bitplan.graph import LayerGraph
+from bitplan.core.graph import LayerGraph
 from bitplan.models import embed, load_model
 from bitplan.packed_io import load_packed, save_packed
 

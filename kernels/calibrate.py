@@ -59,7 +59,7 @@ class _DenseBF16(nn.Module):
 def layer_shapes(layers_or_shapes) -> list[tuple[int, int]]:
     """Distinct (N, K) of a model / LayerGraph / LayerInfo list / list of (N, K), first-seen order.
     Conv layers are skipped with a warning (profiles cover matmul layers)."""
-    from ..graph import LayerGraph, find_layers
+    from ..core.graph import LayerGraph, find_layers
     src = layers_or_shapes
     if isinstance(src, nn.Module):
         src = find_layers(src)
@@ -206,7 +206,7 @@ def calibrate(layers_or_shapes, device="cpu", tokens=(1, 16, 128), kernels=None,
                                            "second_ms": t.median_ms, "ratio": t.median_ms / first})
     finally:
         bar.close()
-    from .. import __version__
+    from ..core.version import __version__
     prof.meta = {"bitplan_version": __version__, "created": datetime.now(timezone.utc).isoformat(),
                  "seconds": round(time.perf_counter() - t_start, 2), "tokens": toks,
                  "method": "median of interleaved batches (kernels/timing.py), fp32 in/out, hot weights",
@@ -232,8 +232,8 @@ def measure_fixed_cost(model: nn.Module, batch, forward=None, clock: str = "wall
     Example:
         >>> prof.fixed["minilm:b1x128"] = measure_fixed_cost(model, batch)
     """
-    from ..batches import run_model
-    from ..graph import find_layers
+    from ..core.batches import run_model
+    from ..core.graph import find_layers
     run = forward or run_model
     layers = [l for l in find_layers(model) if l.kind in ("linear", "hf_conv1d")]
     originals = {l.name: model.get_submodule(l.name) for l in layers}
@@ -270,17 +270,15 @@ def calibrate_model(model: nn.Module, batch, specs=None, forward=None, reps: int
         >>> prof = calibrate_model(model, batch, clock="cpu", fixed_name="minilm:1x128")
         >>> predict_latency_ms(graph.layers, plan_specs, prof, fixed="minilm:1x128")
     """
-    from ..batches import run_model
-    from ..graph import LayerGraph, fingerprint
-    from ..plan import Plan
-    from .apply import apply_plan_
+    from ..core.batches import run_model
+    from ..core.graph import LayerGraph
+    from .modules import option_reason, quantize_modules_
     run = forward or run_model
     clk = clock_fn(clock)
     g = LayerGraph.build(model, batch, forward=forward)
     layers = [l for l in g.layers if l.kind in ("linear", "hf_conv1d")]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no linear layers to calibrate")
-    fp = fingerprint(sorted(g.layers, key=lambda l: l.name))
     specs = list(DEFAULT_SPECS if specs is None else specs)
     models = {}
     if baseline:
@@ -290,10 +288,10 @@ def calibrate_model(model: nn.Module, batch, specs=None, forward=None, reps: int
         for s in specs:
             if not isinstance(s, QuantSpec):
                 raise TypeError(f"specs must be QuantSpecs, got {s!r}")
-            plan = Plan(fp, {l.name: s for l in g.layers})
-            pm = apply_plan_(copy.deepcopy(model), plan, mode="packed")
-            models[s.label] = (pm, {l.name: option_key(s, pm.bitplan_plan.layers[l.name].kernel)
-                                    for l in layers})
+            pm = copy.deepcopy(model)
+            ran = quantize_modules_(pm, {l.name: s for l in layers if option_reason(s, l) is None},
+                                    mode="packed")
+            models[s.label] = (pm, {l.name: option_key(s, ran[l.name]) for l in layers if l.name in ran})
     rows, t_layer, handles = {}, {}, []
 
     def pre(name):
@@ -338,6 +336,8 @@ def calibrate_model(model: nn.Module, batch, specs=None, forward=None, reps: int
     groups: dict = {}
     for key, (m, opts) in models.items():
         for l in layers:
+            if l.name not in opts:          # the option is not possible on this layer
+                continue
             cell = (opts[l.name], l.out_features, l.in_features, rows[l.name])
             groups.setdefault(cell, []).append(per[key][l.name])
     for cell, runs in groups.items():
@@ -351,7 +351,7 @@ def calibrate_model(model: nn.Module, batch, specs=None, forward=None, reps: int
     fmed = statistics.median(fixed)
     prof.fixed[fixed_name] = {"median_ms": fmed * 1e3, "p25_ms": fq[0] * 1e3, "p75_ms": fq[2] * 1e3,
                               "spread": (fq[2] - fq[0]) / fmed, "runs": len(fixed), "clock": clock}
-    from .. import __version__
+    from ..core.version import __version__
     prof.meta = {"bitplan_version": __version__, "created": datetime.now(timezone.utc).isoformat(),
                  "method": "in-model: per-layer hooks in uniform-plan copies of the model, round-robin",
                  "clock": clock, "reps": reps, "model": type(model).__name__}

@@ -187,7 +187,7 @@ class LatencyProfile:
 
         Example: ``calibrate([(384, 384)]).save("prof.json")``
         """
-        from ..plan import atomic_write_text
+        from ..core.jsonio import atomic_write_text
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1, sort_keys=True, allow_nan=False) + "\n")
 
     @classmethod

@@ -25,11 +25,10 @@ import torch
 from .formats import FP16_BITS, QuantSpec
 
 __all__ = ["KERNELS", "register", "get_kernel", "select_kernel", "kernel_for", "kernel_nbytes",
-           "FALLBACK", "AUTO_NAMES", "device_type", "has_op"]
+           "FALLBACK", "device_type", "has_op"]
 
 KERNELS: dict[str, type] = {}
 FALLBACK = "dequant"                 # reference path: unpack + dequantize + dense op
-AUTO_NAMES = (None, "fake", "auto")  # spec.kernel values that mean "choose for me"
 
 
 def register(name: str):
@@ -44,7 +43,7 @@ def register(name: str):
 
 
 def _fill() -> None:
-    from . import qlinear  # noqa: F401  (importing fills KERNELS)
+    from . import embedding, qlinear  # noqa: F401  (importing fills KERNELS)
 
 
 def get_kernel(name: str) -> type:
@@ -78,8 +77,10 @@ def has_op(op: str, device: str) -> bool:
         return False
 
 
-def _preferred(spec: QuantSpec) -> str:
+def _preferred(spec: QuantSpec, kind: str = "linear") -> str:
     """The fast kernel a spec asks for, before checking shapes and the device."""
+    if kind == "embedding":
+        return "embedding"
     if spec.bits == FP16_BITS:
         return "fp16"
     if spec.act_bits == 8:
@@ -91,9 +92,11 @@ def _preferred(spec: QuantSpec) -> str:
     return "lowbit_unpack"
 
 
-def select_kernel(spec: QuantSpec, n: int, k: int, device="cpu", kind: str = "linear"
-                  ) -> tuple[str, str | None]:
-    """(kernel name, reason it fell back or None). ``spec.kernel`` forces a kernel when set.
+def select_kernel(spec: QuantSpec, n: int, k: int, device="cpu", kind: str = "linear",
+                  prefer: str | None = None) -> tuple[str, str | None]:
+    """(kernel name, reason it fell back or None): the fastest kernel that runs ``spec`` for an
+    (n, k) layer of ``kind`` on ``device``. ``prefer`` asks for one kernel by name instead (e.g. the
+    one a packed folder was saved with); it still falls back when that kernel cannot run here.
 
     Example: ``select_kernel(QuantSpec(8, act_bits=8), 384, 384)`` -> ``('w8a8', None)``
     """
@@ -101,11 +104,13 @@ def select_kernel(spec: QuantSpec, n: int, k: int, device="cpu", kind: str = "li
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     dev = device_type(device)
     _fill()
-    want = _preferred(spec) if spec.kernel in AUTO_NAMES else spec.kernel
+    want = prefer if prefer is not None else _preferred(spec, kind)
     cls = get_kernel(want)
     why = cls.supports(spec, n, k, dev, kind)
     if why is None:
         return want, None
+    if kind == "embedding":           # the lookup table has one implementation
+        raise ValueError(f"no kernel runs {spec.label} on an embedding ({why})")
     return FALLBACK, f"{want}: {why}"
 
 

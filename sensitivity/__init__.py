@@ -7,8 +7,11 @@ Example:
     >>> from bitplan.sensitivity import score, load
     >>> t = score(model, batches, method="hessian", bits=(2, 3, 4, 8)); t.save("sens.json")
 """
-from .registry import ESTIMATORS, ScoreContext, register, score
-from .table import Sensitivity, load
-from . import decoupled, fisher, hessian, lim, measured, zd  # noqa: F401  (fill the registry)
+if __name__ == "bitplan.sensitivity":
+    from .registry import ESTIMATORS, ScoreContext, register, score
+    from .table import Sensitivity, load
+    from . import decoupled, fisher, hessian, lim, measured, zd  # noqa: F401  (fill the registry)
 
-__all__ = ["score", "load", "Sensitivity", "register", "ESTIMATORS", "ScoreContext"]
+    __all__ = ["score", "load", "Sensitivity", "register", "ESTIMATORS", "ScoreContext"]
+else:   # this source folder imported as a top-level 'sensitivity' (the repository root is on sys.path): stay
+    __all__ = []   # empty, so it never shadows another distribution of that name (e.g. HF's 'kernels')

@@ -1,7 +1,8 @@
 """Helpers the estimators share: quantized weights in storage layout, one-layer swaps, checked losses.
 
 Private to ``bitplan.sensitivity``; every estimator quantizes through the shared quantizer
-(``kernels.apply.fake_weight``) via :func:`quantized_weight`, so all tables see the same ΔW.
+(``ScoreContext.quantized`` / ``perturbed``, i.e. ``kernels.modules.fake_weight``), so all tables
+see the same ΔW.
 """
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ import contextlib
 import numpy as np
 import torch
 
-from bitplan.batches import first_tensor, run_model
+from ..core.batches import first_tensor, run_model
 
-from ..kernels.apply import fake_weight
 from .losses import LabelFreeLoss
 
-__all__ = ["math_sdpa", "quantized_weight", "swapped", "weights_require_grad", "checked_loss",
+__all__ = ["math_sdpa", "weights_require_grad", "checked_loss",
            "mean_loss", "model_output", "rel_delta_sq"]
 
 
@@ -26,25 +26,6 @@ def math_sdpa():
         return sdpa_kernel(SDPBackend.MATH)
     except ImportError:                  # older torch: no SDPA context manager
         return contextlib.nullcontext()
-
-
-def quantized_weight(ctx, name: str, spec) -> torch.Tensor:
-    """``Q_b(W)`` of layer ``name`` in the module's own weight layout (the same tensor fake apply writes)."""
-    return fake_weight(ctx.module(name), ctx.graph.layers[ctx.graph.index(name)].kind, spec)
-
-
-@contextlib.contextmanager
-def swapped(ctx, name: str, w: torch.Tensor):
-    """Temporarily replace layer ``name``'s weight values by ``w`` (restored bit for bit)."""
-    p = ctx.module(name).weight
-    saved = p.detach().clone()
-    with torch.no_grad():
-        p.copy_(w)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            p.copy_(saved)
 
 
 @contextlib.contextmanager

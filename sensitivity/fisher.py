@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from bitplan.batches import batch_size
+from ..core.batches import batch_size
 
-from ._common import checked_loss, math_sdpa, quantized_weight, weights_require_grad
+from ..kernels.actquant import fake_quantize_act
+from ._common import checked_loss, math_sdpa, weights_require_grad
 from .hessian import _check, _grad, _rademacher
 from .losses import LabelFreeLoss
 from .registry import ScoreContext, register
@@ -64,7 +65,7 @@ def fisher(ctx: ScoreContext, samples: int = 4, exact: bool = False):
         raise ValueError("exact=True needs the built-in label-free loss (loss_fn=None, 'kl' or 'mse')")
     gen = torch.Generator().manual_seed(ctx.seed)
     L, B = len(ctx.names), len(ctx.specs)
-    qw = [[quantized_weight(ctx, n, s) for s in ctx.specs] for n in ctx.names]
+    qw = [[ctx.quantized(i, j) for j in range(len(ctx.specs))] for i in range(len(ctx.names))]
     out = np.zeros((L, B))
     seen = np.zeros(L, dtype=bool)
     with math_sdpa(), weights_require_grad(ctx):
@@ -104,7 +105,10 @@ def fisher(ctx: ScoreContext, samples: int = 4, exact: bool = False):
                 mod, y0 = ctx.module(ctx.names[i]), y.detach()
                 with torch.no_grad():
                     for j in range(B):
-                        dy = functional_call(mod, {"weight": qw[i][j]}, (x,)) - y0
+                        if qw[i][j] is None:            # an option this layer cannot take
+                            continue
+                        xq = fake_quantize_act(x, ctx.specs[j].act_bits)
+                        dy = functional_call(mod, {"weight": qw[i][j]}, (xq,)) - y0
                         out[i, j] += 0.5 * float((d * dy.pow(2)).sum())
     if not seen.any():
         raise ValueError("no quantizable layer's output gets a gradient from the loss; "

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bitplan.batches import first_tensor
+from ..core.batches import first_tensor
 
 from ._common import checked_loss, rel_delta_sq
 from .registry import ScoreContext, register

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from bitplan.batches import first_tensor, run_model
+from ..core.batches import first_tensor, run_model
 
 __all__ = ["resolve_loss", "LOSS_NAMES", "LabelFreeLoss", "kl_to_reference"]
 

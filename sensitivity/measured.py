@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bitplan.batches import first_tensor
+from ..core.batches import first_tensor
 
-from ._common import checked_loss, quantized_weight, swapped
+from ._common import checked_loss
 from .registry import ScoreContext, register
 
 __all__ = ["measured", "one_at_a_time"]
@@ -61,9 +61,11 @@ def one_at_a_time(ctx: ScoreContext, output_metrics=()) -> tuple[np.ndarray, dic
         L, B, nb = len(ctx.names), len(ctx.specs), len(ctx.batches)
         dloss = np.zeros((L, B))
         mets = {m: np.zeros((L, B)) for m in output_metrics}
-        for i, name in enumerate(ctx.names):
-            for j, spec in enumerate(ctx.specs):
-                with swapped(ctx, name, quantized_weight(ctx, name, spec)):
+        for i in range(L):
+            for j in range(B):
+                if not ctx.allowed[i, j]:
+                    continue
+                with ctx.perturbed(i, j):
                     for bi, batch in enumerate(ctx.batches):
                         loss, t = run(bi, batch)
                         dloss[i, j] += (loss - base[bi][0]) / nb

@@ -2,10 +2,17 @@
 
 An estimator is ``fn(ctx: ScoreContext, **opts) -> (loss (L, B) array, meta dict)``, registered with
 ``@register("name")``. ``score`` prepares everything estimators share: a private deep copy of the model
-(the user's model is never touched), the layer graph, materialised batches, the resolved loss.
+(the user's model, its BatchNorm statistics and torch's global RNG are never touched), the layer graph,
+materialised batches, the resolved loss, the options (columns) and which of them each layer can take.
+
+An option perturbs a layer by its weight error ``Q(W) − W`` and, for ``act_bits`` options, by the
+quantization of the layer's input activations too. Estimators that run the model (measured,
+decoupled, fisher) apply both exactly (:meth:`ScoreContext.perturbed`); weight-space estimators
+(hessian, lim, zd) add the activation error as an equivalent weight error (:meth:`ScoreContext.delta_sq`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -14,11 +21,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bitplan.batches import as_batches
-from bitplan.graph import LayerGraph, layer_weight_2d
-
-from ..kernels.formats import QuantSpec, check_bits
-from ..kernels.quantizer import fake_quantize
+from ..core.batches import as_batches, run_model
+from ..core.graph import LayerGraph, layer_weight_2d
+from ..core.spec import QuantSpec, option_grid
+from ..kernels.actquant import fake_quantize_act
+from ..kernels.modules import fake_weight, option_mask
 from .losses import resolve_loss
 from .table import Sensitivity
 
@@ -51,6 +58,11 @@ class ScoreContext:
     seed: int = 0
     loss_desc: str = ""
     extra: dict = field(default_factory=dict)
+    allowed: np.ndarray | None = None         # (L, B) bool: options each layer can take
+
+    def __post_init__(self):
+        if self.allowed is None:
+            self.allowed = np.asarray(option_mask(self.graph.layers, self.specs)[0], dtype=bool)
 
     @property
     def names(self) -> list[str]:
@@ -59,59 +71,170 @@ class ScoreContext:
     def module(self, name: str) -> torch.nn.Module:
         return self.model.get_submodule(name)
 
+    def layer(self, name: str):
+        return self.graph.layers[self.graph.index(name)]
+
     def weight_2d(self, name: str) -> torch.Tensor:
         """(N, K) view of layer ``name``'s weight."""
-        info = self.graph.layers[self.graph.index(name)]
-        return layer_weight_2d(self.module(name), info.kind)
+        return layer_weight_2d(self.module(name), self.layer(name).kind)
+
+    def quantized(self, i: int, j: int) -> torch.Tensor | None:
+        """``Q_j(W_i)`` in the module's own layout, or None when layer i cannot take option j."""
+        if not self.allowed[i, j]:
+            return None
+        name = self.names[i]
+        return fake_weight(self.module(name), self.layer(name).kind, self.specs[j])
+
+    @contextlib.contextmanager
+    def perturbed(self, i: int, j: int):
+        """Run the model with ONLY layer i at option j: weight ``Q(W)`` and, for ``act_bits``
+        options, its inputs fake-quantized per token (every module sharing the weight). Restored
+        bit for bit afterwards."""
+        w = self.quantized(i, j)
+        if w is None:
+            raise ValueError(f"{self.names[i]} cannot take option {self.specs[j].label}")
+        p = self.module(self.names[i]).weight
+        saved = p.detach().clone()
+        handles = []
+        bits = self.specs[j].act_bits
+        if bits is not None:
+            for m in self.layer(self.names[i]).modules:
+                handles.append(self.model.get_submodule(m).register_forward_pre_hook(
+                    lambda mod, args: (fake_quantize_act(args[0], bits),) + tuple(args[1:])))
+        with torch.no_grad():
+            p.copy_(w)
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            with torch.no_grad():
+                p.copy_(saved)
 
     def delta_sq(self) -> np.ndarray:
-        """(L, B) ‖Q_b(W_l) − W_l‖² with the shared quantizer."""
+        """(L, B) ‖Q_b(W_l) − W_l‖² with the shared quantizer (0 where not allowed), plus for
+        ``act_bits`` options the weight-equivalent activation error (:meth:`act_delta_sq`)."""
         out = np.zeros((len(self.names), len(self.specs)))
         for i, n in enumerate(self.names):
-            w = self.weight_2d(n).detach()
+            w = self.weight_2d(n).detach().float()
             for j, s in enumerate(self.specs):
-                out[i, j] = float((fake_quantize(w, s.bits, s.group_size, s.symmetric).float()
-                                   - w.float()).pow(2).sum())
+                q = self.quantized(i, j)
+                if q is not None:
+                    out[i, j] = float((layer_weight_2d_of(q, self.layer(n).kind) - w).pow(2).sum())
+        if any(s.act_bits is not None for s in self.specs):
+            out += self.act_delta_sq()
+        return out
+
+    def act_delta_sq(self) -> np.ndarray:
+        """(L, B) activation error of ``act_bits`` options as an equivalent squared weight error.
+
+        Quantizing a layer's input X (T tokens x K) moves its output by W ΔX. A weight error ΔW moves
+        it by ΔW X, with E‖ΔW X‖² ≈ ‖ΔW‖²·‖X‖²/K for inputs of equal energy per channel; so the
+        activation error counts as ‖W ΔX‖² · K / ‖X‖² of weight error (cross terms neglected). Measured
+        on the calibration batches with one forward pass. Without data: 0 (data-free estimators).
+        """
+        out = np.zeros((len(self.names), len(self.specs)))
+        act = sorted({s.act_bits for s in self.specs if s.act_bits is not None})
+        if not act or not self.batches:
+            return out
+        sums = {n: {"x2": 0.0, **{b: 0.0 for b in act}} for n in self.names}
+        owner = {m: (l.name, k) for l in self.graph.layers for m, k in zip(l.modules, l.kinds)
+                 if k != "embedding"}
+
+        def hook(mname):
+            def fn(mod, args, out):
+                lname, kind = owner[mname]
+                x = args[0].detach().float()
+                w = self.module(lname).weight.detach().float()
+                y = out.detach().float() if isinstance(out, torch.Tensor) else None
+                for b in act:
+                    dx = fake_quantize_act(x, b).float() - x
+                    if kind in ("linear", "hf_conv1d"):
+                        dy = dx.reshape(-1, x.shape[-1]) @ layer_weight_2d_of(w, kind).t()
+                    else:              # conv: the layer's own op on the input perturbation
+                        dy = mod._conv_forward(dx, w, None)
+                    sums[lname][b] += float(dy.pow(2).sum())
+                # energy of the (N, K) matmul's input rows: ‖X‖² for a matmul; for a conv each input
+                # element is read by about K / C_in output positions per in->out position ratio
+                x2 = float(x.pow(2).sum())
+                if kind not in ("linear", "hf_conv1d") and y is not None:
+                    k = self.layer(lname).in_features
+                    x2 *= (k / x.shape[1]) * (y[0, 0].numel() / max(1, x[0, 0].numel()))
+                sums[lname]["x2"] += x2
+            return fn
+        handles = [self.model.get_submodule(m).register_forward_hook(hook(m)) for m in owner]
+        try:
+            with torch.no_grad():
+                for b in self.batches:
+                    if callable(self.loss_fn):
+                        self.loss_fn(self.model, b)
+                    else:
+                        run_model(self.model, b)
+        finally:
+            for h in handles:
+                h.remove()
+        for i, n in enumerate(self.names):
+            k = self.layer(n).in_features
+            for j, s in enumerate(self.specs):
+                if s.act_bits is not None and self.allowed[i, j] and sums[n]["x2"] > 0:
+                    out[i, j] = sums[n][s.act_bits] * k / sums[n]["x2"]
         return out
 
 
+def layer_weight_2d_of(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """(N, K) view of a weight tensor in a module's storage layout."""
+    return w.t().float() if kind == "hf_conv1d" else w.reshape(w.shape[0], -1).float()
+
+
 def score(model: torch.nn.Module, calib_data=None, method: str = "hessian", bits=(2, 3, 4, 8),
-          loss_fn=None, seed: int = 0, group_size: int | None = None, symmetric: bool = True,
-          graph: LayerGraph | None = None, **opts) -> Sensitivity:
-    """Score every quantizable layer of ``model`` at every bit option; the model is not modified.
+          loss_fn=None, seed: int = 0, group_size=None, symmetric=True, act_bits=None,
+          quant_method="rtn", options=None, graph: LayerGraph | None = None, **opts) -> Sensitivity:
+    """Score every quantizable layer of ``model`` at every option; the model is not modified.
+
+    Options are the product of ``bits``, ``group_size``, ``act_bits``, ``quant_method`` and
+    ``symmetric`` (each a value or a tuple; ``core.spec.option_grid``), or the explicit ``options``
+    (a sequence of QuantSpec). Options a layer cannot take are masked (``table.allowed``).
 
     Example:
-        >>> t = score(model, batches, method="hessian", bits=(2, 3, 4, 8))
+        >>> t = score(model, batches, method="hessian", bits=(2, 3, 4, 8), group_size=(None, 128))
         >>> t.loss.shape        # (layers, options)
     """
     if method not in ESTIMATORS:
         raise ValueError(f"unknown sensitivity method {method!r}; known: {sorted(ESTIMATORS)}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    bits = tuple(check_bits(b) for b in bits)
-    if not bits or len(set(bits)) != len(bits):
-        raise ValueError(f"bits={bits!r} must be a non-empty tuple of distinct options")
-    specs = [QuantSpec(b, group_size, symmetric) for b in bits]
+    if options is not None:
+        specs = list(options)
+        if not specs or not all(isinstance(s, QuantSpec) for s in specs) or len(set(specs)) != len(specs):
+            raise ValueError(f"options={options!r} must be a non-empty sequence of distinct QuantSpec")
+    else:
+        specs = list(option_grid(bits, group_size, act_bits, quant_method, symmetric))
     t0 = time.perf_counter()
     work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(False)
-    if method in DATA_FREE and calib_data is None:
-        batches, fn, desc = [], None, ""
-        graph = graph or LayerGraph.build(work)
-    else:
-        batches = as_batches(calib_data)
-        fn, desc = resolve_loss(loss_fn, work, batches)
-        graph = graph or LayerGraph.build(work, batches[0], forward=fn if callable(loss_fn) else None)
-    ctx = ScoreContext(work, graph, batches, fn, specs, seed, desc)
-    torch.manual_seed(seed)
-    loss, meta = ESTIMATORS[method](ctx, **opts)
-    loss = np.asarray(loss, dtype=np.float64)
+    with torch.random.fork_rng(devices=[]):            # estimators draw from their own generators
+        torch.manual_seed(seed)
+        if method in DATA_FREE and calib_data is None:
+            batches, fn, desc = [], None, ""
+            graph = graph or LayerGraph.build(work)
+        else:
+            batches = as_batches(calib_data)
+            fn, desc = resolve_loss(loss_fn, work, batches)
+            graph = graph or LayerGraph.build(work, batches[0], forward=fn if callable(loss_fn) else None)
+        ctx = ScoreContext(work, graph, batches, fn, specs, seed, desc)
+        if not ctx.allowed.any(1).all():
+            i = int(np.argmin(ctx.allowed.any(1)))
+            why = option_mask([graph.layers[i]], specs)[1]
+            raise ValueError(f"layer {graph.names[i]} can take none of the options "
+                             f"{[s.label for s in specs]}: {sorted(set(why.values()))[:3]}")
+        loss, meta = ESTIMATORS[method](ctx, **opts)
+    loss = np.where(ctx.allowed, np.asarray(loss, dtype=np.float64), 0.0)
     bad = ~np.isfinite(loss)
     if bad.any():
         i, j = np.argwhere(bad)[0]
-        raise ValueError(f"{method} produced a non-finite sensitivity for {graph.names[i]} at {bits[j]} bits "
-                         "(NaN/inf in the loss or its gradients; check the model and calibration data)")
+        raise ValueError(f"{method} produced a non-finite sensitivity for {graph.names[i]} at option "
+                         f"{specs[j].label} (NaN/inf in the loss or its gradients; check the model and data)")
     meta = {**meta, "seconds": time.perf_counter() - t0, "loss": desc, "batches": len(batches)}
-    return Sensitivity(graph.names, bits, np.maximum(loss, 0.0), method, group_size, symmetric,
+    return Sensitivity(graph.names, tuple(specs), np.maximum(loss, 0.0), method, ctx.allowed,
                        graph.fingerprint, meta)

@@ -9,7 +9,7 @@ from strategies import problems
 
 from bitplan.allocator import Problem, frontier, solve, with_group_budgets
 from bitplan.allocator.registry import SOLVERS
-from bitplan.errors import InfeasibleBudgetError
+from bitplan.allocator import InfeasibleBudgetError
 
 
 def _problem(L=300, seed=0, K=1):

@@ -6,7 +6,7 @@ from strategies import problems
 
 from bitplan.allocator import Problem, solve
 from bitplan.allocator.convex import fit
-from bitplan.errors import InfeasibleBudgetError
+from bitplan.allocator import InfeasibleBudgetError
 
 
 def test_fit_recovers_exponential_model():

@@ -6,7 +6,7 @@ from strategies import problems
 
 from bitplan.allocator import Problem, solve
 from bitplan.allocator.problem import FEAS_RTOL
-from bitplan.errors import InfeasibleBudgetError
+from bitplan.allocator import InfeasibleBudgetError
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from strategies import problems
 
 from bitplan.allocator import Problem, solve
-from bitplan.errors import InfeasibleBudgetError
+from bitplan.allocator import InfeasibleBudgetError
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from bitplan.graph import LayerGraph, find_layers
+from bitplan.core.graph import LayerGraph, find_layers
 
 
 class Attn(nn.Module):

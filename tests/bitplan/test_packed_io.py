@@ -18,7 +18,7 @@ from tests.fixtures_models import tiny, tiny_cnn
 
 def mixed_plan(model, bits):
     from bitplan.demo import uniform_plan
-    from bitplan.graph import LayerGraph
+    from bitplan.core.graph import LayerGraph
     g = LayerGraph.build(model)
     base = uniform_plan(g, 8)
     layers = {n: QuantSpec(b, 32 if b == 4 else None) for n, b in zip(base.layers, bits)}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bitplan.costmodels import COST_MODELS, cost_table, predict_latency_ms
-from bitplan.graph import LayerGraph, LayerInfo
+from bitplan.core.graph import LayerGraph, LayerInfo
 from bitplan.kernels.formats import QuantSpec
 from bitplan.kernels.profile import LatencyProfile, device_fingerprint, option_key
 from bitplan.kernels.registry import kernel_for
@@ -91,8 +91,8 @@ def test_area_energy_follow_the_model():
 
 def test_size_table_is_kernel_aware_and_matches_packed_model():
     from bitplan.costmodels import base_nbytes, model_nbytes
-    from bitplan.graph import fingerprint
-    from bitplan.kernels.apply import apply_plan_
+    from bitplan.core.graph import fingerprint
+    from bitplan.apply import apply_plan_
     from bitplan.plan import Plan
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 128),

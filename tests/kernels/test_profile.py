@@ -137,7 +137,7 @@ def test_fixed_cost_restores_model():
 
 def test_calibrate_model_in_context():
     from bitplan.costmodels import predict_latency_ms
-    from bitplan.graph import LayerGraph
+    from bitplan.core.graph import LayerGraph
     from bitplan.kernels.formats import QuantSpec
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).eval()

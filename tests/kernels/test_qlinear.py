@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from bitplan.costmodels import base_nbytes, model_nbytes, size_table
-from bitplan.graph import LayerGraph, fingerprint
+from bitplan.core.graph import LayerGraph, fingerprint
 from bitplan.kernels.actquant import fake_quantize_act
-from bitplan.kernels.apply import apply_plan_
+from bitplan.apply import apply_plan_
 from bitplan.kernels.formats import QuantSpec, weight_nbytes
 from bitplan.kernels.quantizer import fake_quantize
 from bitplan.kernels.registry import KERNELS, get_kernel, kernel_for, select_kernel

@@ -1,8 +1,17 @@
 """LayerGraph: the quantizable layers of a model and the data flow between them.
 
-Quantizable layers: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and transformers' ``Conv1D`` (GPT-2
-style, weight stored transposed as (in, out)). Each is seen as a 2-D weight (N out, K in):
-conv weights flatten to (out_channels, in_channels/groups * kernel).
+Quantizable layers: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, transformers' ``Conv1D`` (GPT-2
+style, weight stored transposed as (in, out)) and ``nn.Embedding`` (token tables; weight-only,
+grouped along the embedding dimension). Each is seen as a 2-D weight (N out, K in): conv weights
+flatten to (out_channels, in_channels/groups * kernel); an embedding table (V, D) is N = V rows of
+K = D. A weight tensor shared by several modules (an embedding tied to the LM head) is ONE layer —
+one decision, quantized once, counted once — named after its first module, the others listed in
+``LayerInfo.aliases``.
+
+Left out, with the reason in ``LayerGraph.skipped``: layers whose parent reads their ``.weight``
+directly instead of calling them, so a packed replacement cannot run there (``out_proj`` of
+``nn.MultiheadAttention``, ``linear1``/``linear2`` of ``nn.TransformerEncoderLayer``'s fused fast path),
+and embeddings with ``max_norm`` (they rewrite their own weight in forward).
 
 One calibration batch runs with forward hooks to record input/output shapes and MACs per sample.
 The data-flow graph comes from ``torch.fx`` when the model traces (edges = nearest quantizable
@@ -12,11 +21,12 @@ Tie groups ``tie="shared_input"``: layers that read the very same input tensor (
 
 Example:
     >>> g = LayerGraph.build(model, example_batch)
-    >>> [l.name for l in g.layers][:3], g.tie_groups("shared_input")
+    >>> [l.name for l in g.layers][:3], g.tie_groups("shared_input"), g.skipped
 """
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -25,35 +35,38 @@ from torch import nn
 
 from .batches import batch_size, run_model
 
-__all__ = ["LayerInfo", "LayerGraph", "find_layers", "layer_weight_2d", "fingerprint", "TIE_MODES"]
+__all__ = ["LayerInfo", "LayerGraph", "find_layers", "layer_weight_2d", "fingerprint", "TIE_MODES",
+           "layer_kind", "KINDS", "skipped_layers"]
 
 TIE_MODES = (None, "shared_input")
+KINDS = ("linear", "conv1d", "conv2d", "hf_conv1d", "embedding")
 
 
-def _conv1d_hf():
-    try:
-        from transformers.pytorch_utils import Conv1D
-        return Conv1D
-    except Exception:          # transformers missing or broken: no HF Conv1D layers to find
-        return None
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D, without importing transformers: an instance can only exist once the
+    module defining it has been imported."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(mod, "Conv1D", None) if mod is not None else None
+    return cls is not None and isinstance(module, cls)
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """'linear' | 'conv1d' | 'conv2d' | 'hf_conv1d' for quantizable modules, else None."""
+    """'linear' | 'conv1d' | 'conv2d' | 'hf_conv1d' | 'embedding' for quantizable modules, else None."""
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
     if isinstance(module, nn.Conv1d):
         return "conv1d"
-    hf = _conv1d_hf()
-    if hf is not None and isinstance(module, hf):
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if _is_hf_conv1d(module):
         return "hf_conv1d"
     return None
 
 
 def layer_weight_2d(module: nn.Module, kind: str | None = None) -> torch.Tensor:
-    """The layer's weight as (N out, K in) — a view for conv/linear, a transpose for HF Conv1D."""
+    """The layer's weight as (N out, K in) — a view for conv/linear/embedding, a transpose for HF Conv1D."""
     kind = kind or layer_kind(module)
     w = module.weight
     if kind == "hf_conv1d":
@@ -61,10 +74,16 @@ def layer_weight_2d(module: nn.Module, kind: str | None = None) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+def _storage_key(t: torch.Tensor):
+    if t.device.type == "meta" or t.is_mkldnn:
+        return ("id", id(t))
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
 @dataclass
 class LayerInfo:
     name: str                          # fully qualified module name
-    kind: str                          # linear | conv1d | conv2d | hf_conv1d
+    kind: str                          # linear | conv1d | conv2d | hf_conv1d | embedding
     weight_shape: tuple[int, ...]      # as stored in the module
     out_features: int                  # N of the 2-D view
     in_features: int                   # K of the 2-D view
@@ -75,6 +94,18 @@ class LayerInfo:
     input_shape: tuple[int, ...] | None = None
     output_shape: tuple[int, ...] | None = None
     calls: int = 0                     # times the layer ran in the recorded forward
+    aliases: tuple[str, ...] = ()      # other modules sharing this very weight tensor (tied)
+    alias_kinds: tuple[str, ...] = ()  # their kinds, in the same order
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Kinds of every module using this weight (the layer's options must suit them all)."""
+        return (self.kind,) + self.alias_kinds
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Every module name using this weight: the layer's own name first."""
+        return (self.name,) + self.aliases
 
     @property
     def tokens_per_sample(self) -> int:
@@ -82,19 +113,48 @@ class LayerInfo:
         return self.macs_per_sample // max(1, self.n_params)
 
 
+def skipped_layers(model: nn.Module) -> dict[str, str]:
+    """Modules of a quantizable type that are left out, fqn -> reason."""
+    out = {}
+    for name, m in model.named_modules():
+        pre = f"{name}." if name else ""
+        if isinstance(m, nn.MultiheadAttention) and isinstance(getattr(m, "out_proj", None), nn.Linear):
+            out[pre + "out_proj"] = ("nn.MultiheadAttention reads out_proj.weight directly instead of calling "
+                                     "the module, so a packed replacement cannot run there")
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+            for child in ("linear1", "linear2"):
+                if isinstance(getattr(m, child, None), nn.Linear):
+                    out[pre + child] = (f"{type(m).__name__} reads {child}.weight directly (its fused fast "
+                                        "path), so a packed replacement cannot run there")
+        if isinstance(m, nn.Embedding) and m.max_norm is not None:
+            out[name] = "nn.Embedding with max_norm renormalises its own weight in forward"
+    return out
+
+
 def find_layers(model: nn.Module) -> list[LayerInfo]:
-    """Every quantizable layer, in ``named_modules`` order (static: no forward pass)."""
+    """Every quantizable layer, in ``named_modules`` order (static: no forward pass). Modules sharing
+    one weight tensor are one layer (named after the first, the others in ``aliases``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    out = []
+    skip = skipped_layers(model)
+    out: list[LayerInfo] = []
+    by_key: dict = {}
     for name, m in model.named_modules():
         kind = layer_kind(m)
-        if kind is None or getattr(m, "weight", None) is None:
+        w = getattr(m, "weight", None)
+        if kind is None or name in skip or not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            continue
+        key = _storage_key(w)
+        if key in by_key:                  # tied: the same tensor behind another module
+            info = by_key[key]
+            info.aliases += (name,)
+            info.alias_kinds += (kind,)
             continue
         w2 = layer_weight_2d(m, kind)
-        out.append(LayerInfo(name, kind, tuple(m.weight.shape), int(w2.shape[0]), int(w2.shape[1]),
-                             int(m.weight.numel()), getattr(m, "bias", None) is not None,
-                             str(m.weight.dtype)))
+        info = LayerInfo(name, kind, tuple(w.shape), int(w2.shape[0]), int(w2.shape[1]), int(w.numel()),
+                         getattr(m, "bias", None) is not None, str(w.dtype))
+        by_key[key] = info
+        out.append(info)
     return out
 
 
@@ -102,7 +162,8 @@ def fingerprint(layers) -> str:
     """sha256 over layer names and weight shapes: identifies the architecture a plan was made for."""
     h = hashlib.sha256()
     for l in layers:
-        h.update(f"{l.name}:{'x'.join(map(str, l.weight_shape))};".encode())
+        tied = "=" + "=".join(getattr(l, "aliases", ())) if getattr(l, "aliases", ()) else ""
+        h.update(f"{l.name}{tied}:{'x'.join(map(str, l.weight_shape))};".encode())
     return h.hexdigest()[:16]
 
 
@@ -113,6 +174,7 @@ class LayerGraph:
     graph: nx.DiGraph
     shared_input: list[list[str]] = field(default_factory=list)   # groups reading one input tensor
     source: str = "static"                                        # "fx" | "hooks" | "static"
+    skipped: dict[str, str] = field(default_factory=dict)         # left-out modules -> reason
 
     @property
     def names(self) -> list[str]:
@@ -137,16 +199,20 @@ class LayerGraph:
     @classmethod
     def build(cls, model: nn.Module, batch=None, forward=None, use_fx: bool = True) -> "LayerGraph":
         """Find layers; with a batch, run one forward (``forward(model, batch)`` if given) under
-        hooks to record shapes, MACs and the data flow. The model is not modified."""
+        hooks to record shapes, MACs and the data flow. The model is not modified: the pass runs in
+        eval mode (train flags restored after) and under a forked RNG."""
         layers = find_layers(model)
+        skipped = skipped_layers(model)
         if not layers:
+            why = f" (left out: {skipped})" if skipped else ""
             raise ValueError(f"{type(model).__name__} has no quantizable layers (nn.Linear, nn.Conv1d, "
-                             "nn.Conv2d or transformers Conv1D)")
+                             f"nn.Conv2d, nn.Embedding or transformers Conv1D){why}")
         g = nx.DiGraph()
         g.add_nodes_from(l.name for l in layers)
         if batch is None:
-            return cls(layers, g, [], "static")
+            return cls(layers, g, [], "static", skipped)
         by_name = {l.name: l for l in layers}
+        owner = {a: l.name for l in layers for a in l.modules}          # module fqn -> layer name
         order: list[str] = []
         input_ids: dict[str, int] = {}
         keep_alive = []          # hold input tensors so their ids stay unique during the pass
@@ -154,25 +220,28 @@ class LayerGraph:
 
         def hook(name):
             def fn(mod, inp, out):
-                info = by_name[name]
+                lname = owner[name]
+                info = by_name[lname]
                 x = inp[0] if inp else None
                 if info.calls == 0:
-                    order.append(name)
+                    order.append(lname)
                     if isinstance(x, torch.Tensor):
                         info.input_shape = tuple(x.shape)
-                        input_ids[name] = id(x)
+                        input_ids[lname] = id(x)
                         keep_alive.append(x)
                     if isinstance(out, torch.Tensor):
                         info.output_shape = tuple(out.shape)
                 info.calls += 1
-                if isinstance(out, torch.Tensor):
-                    per_out = info.in_features          # MACs per output element = K
+                if isinstance(out, torch.Tensor) and layer_kind(mod) != "embedding":
+                    per_out = info.in_features          # MACs per output element = K (lookups: 0)
                     info.macs_per_sample += out.numel() * per_out // max(1, n)
             return fn
         mods = dict(model.named_modules())
-        handles = [mods[l.name].register_forward_hook(hook(l.name)) for l in layers]
+        handles = [mods[a].register_forward_hook(hook(a)) for a in owner]
+        modes = {m: m.training for m in model.modules()}
+        model.eval()                   # never touch the user's BatchNorm statistics or dropout RNG
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 (forward or run_model)(model, batch)
         except Exception as e:
             raise ValueError(f"calibration batch does not run through {type(model).__name__}: "
@@ -180,18 +249,20 @@ class LayerGraph:
         finally:
             for h in handles:
                 h.remove()
+            for m, t in modes.items():
+                m.training = t
         groups: dict[int, list[str]] = {}
         for name in order:
-            if name in input_ids:
+            if name in input_ids and by_name[name].kind != "embedding":
                 groups.setdefault(input_ids[name], []).append(name)
         shared = [grp for grp in groups.values() if len(grp) > 1]
         ran = [by_name[nm] for nm in order] + [l for l in layers if l.calls == 0]
         source = "hooks"
-        if use_fx and _fx_edges(model, g, set(by_name)):
+        if use_fx and _fx_edges(model, g, owner):
             source = "fx"
         else:
             _hook_edges(g, order, input_ids)
-        return cls(ran, g, shared, source)
+        return cls(ran, g, shared, source, skipped)
 
 
 def _hook_edges(g: nx.DiGraph, order: list[str], input_ids: dict[str, int]) -> None:
@@ -209,7 +280,7 @@ def _hook_edges(g: nx.DiGraph, order: list[str], input_ids: dict[str, int]) -> N
         prev_group, i = grp, i + len(grp)
 
 
-def _fx_edges(model: nn.Module, g: nx.DiGraph, names: set[str]) -> bool:
+def _fx_edges(model: nn.Module, g: nx.DiGraph, owner: dict[str, str]) -> bool:
     """Edges from torch.fx: each layer <- its nearest quantizable ancestors. False if untraceable."""
     try:
         import torch.fx as fx
@@ -220,12 +291,12 @@ def _fx_edges(model: nn.Module, g: nx.DiGraph, names: set[str]) -> bool:
     for node in gm.graph.nodes:
         ups = set()
         for a in node.all_input_nodes:
-            if a.op == "call_module" and a.target in names:
-                ups.add(a.target)
+            if a.op == "call_module" and a.target in owner:
+                ups.add(owner[a.target])
             else:
                 ups |= nearest.get(a, set())
         nearest[node] = ups
-        if node.op == "call_module" and node.target in names:
-            for u in ups:
-                g.add_edge(u, node.target)
+        if node.op == "call_module" and node.target in owner:
+            for u in ups - {owner[node.target]}:
+                g.add_edge(u, owner[node.target])
     return True

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["as_batches", "run_model", "batch_size", "first_tensor"]
+__all__ = ["as_batches", "run_model", "batch_size", "first_tensor", "first_sample", "to_device"]
 
 
 def as_batches(calib_data, what: str = "calib_data") -> list:
@@ -53,3 +53,25 @@ def batch_size(batch) -> int:
     """Leading dimension of the batch's first tensor (1 when it has none)."""
     t = first_tensor(batch)
     return int(t.shape[0]) if t is not None and t.dim() > 0 else 1
+
+
+def first_sample(batch):
+    """The batch cut to its first sample (leading dim 1) — tensor, tuple/list or dict of tensors."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:1]
+    if isinstance(batch, Mapping):
+        return {k: first_sample(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(first_sample(v) for v in batch)
+    return batch
+
+
+def to_device(batch, device):
+    """The batch with every tensor moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

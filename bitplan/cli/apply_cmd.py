@@ -1,0 +1,34 @@
+"""``bitplan apply``: pack a model by a plan, write a self-contained model folder."""
+from __future__ import annotations
+
+from . import args as A
+from .common import load
+
+__all__ = ["add", "run"]
+
+
+def add(sub, common):
+    ap = sub.add_parser("apply", parents=[common], help="pack a model by a plan, write a model folder",
+                        description="Quantize the model as the plan says with packed weights and real kernels; "
+                                    "write DIR/model.safetensors + DIR/plan.json + manifest (+ the HF config "
+                                    "and tokenizer, so the folder rebuilds by itself). Load back with "
+                                    "bitplan.load_packed(DIR).")
+    A.model_args(ap, calib=False)
+    ap.add_argument("--plan", required=True, type=A.existing_file, metavar="FILE", help="plan JSON from `bitplan plan`")
+    ap.add_argument("--out", required=True, metavar="DIR", help="output folder (created or replaced; an "
+                    "existing non-empty folder that is not a bitplan packed folder is refused)")
+
+
+def run(args) -> int:
+    from ..packed_io import save_packed
+    from ..plan import Plan
+    plan = Plan.load(args.plan)
+    spec = load(args)
+    kind = spec.kind if spec.kind in ("causal_lm", "encoder") else None
+    manifest = save_packed(spec.model, plan, args.out, model_spec=args.model, source_dir=spec.source_dir,
+                           model_class=kind)
+    how = ("" if manifest["skeleton"]["kind"] != "none" else
+           f", '{args.model}'")   # a factory the folder cannot name
+    print(f"wrote {args.out}: model.safetensors ({manifest['size_bytes'] / 1e6:.6f} MB of tensors), plan.json; "
+          f"load with bitplan.load_packed({args.out!r}{how})")
+    return 0

@@ -1,0 +1,79 @@
+"""What several commands share: loading the model (timed, logged), resolving options and losses."""
+from __future__ import annotations
+
+import logging
+import time
+
+__all__ = ["load", "need_calib", "check_names", "probe_opts", "resolve_args_options", "loss_for", "log"]
+
+log = logging.getLogger("bitplan")
+
+
+def load(args):
+    """The ModelSpec of ``--model``; says what it is loading and how long it took."""
+    from ..models import load_model
+    t0 = time.perf_counter()
+    log.info("loading model %s ...", args.model)
+    calib_text = None
+    if getattr(args, "calib_text", None):
+        with open(args.calib_text, encoding="utf-8", errors="strict") as f:
+            try:
+                calib_text = f.read()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"--calib-text {args.calib_text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    spec = load_model(args.model, calib_text=calib_text, seq_len=getattr(args, "seq_len", None),
+                      calib_samples=getattr(args, "calib_samples", None))
+    if getattr(args, "calib_batches", None) and spec.calib_data is not None:
+        spec.calib_data = list(spec.calib_data)[:args.calib_batches]
+    log.info("loaded %s (%s) in %.1f s", args.model, spec.kind, time.perf_counter() - t0)
+    return spec
+
+
+def need_calib(spec, what):
+    if spec.calib_data is None:
+        raise ValueError(f"--model {spec.name!r} returned no calibration data, which {what} needs; "
+                         "make the function return (model, calib_batches)")
+
+
+def probe_opts(max_probes):
+    """Hutchinson options for a probe cap (min_probes lowered to it when it is below the default 8)."""
+    if max_probes is None:
+        return {}
+    return {"max_probes": max_probes, **({"min_probes": max(2, max_probes)} if max_probes < 8 else {})}
+
+
+def check_names(args) -> dict:
+    """Fail fast (before loading or scoring) on unknown estimator / solver / method names."""
+    from ..allocator import available
+    from ..kernels.modules import METHODS
+    from ..sensitivity import ESTIMATORS
+    if args.sensitivity not in ESTIMATORS:
+        raise ValueError(f"--sensitivity {args.sensitivity!r} is not known; known: {sorted(ESTIMATORS)}")
+    if args.solver not in available():
+        raise ValueError(f"--solver {args.solver!r} is not known; known: {available()}")
+    bad = [m for m in args.quant_method if m not in METHODS]
+    if bad:
+        raise ValueError(f"--quant-method {','.join(bad)} is not known; known: {list(METHODS)}")
+    return probe_opts(args.max_probes)
+
+
+def resolve_args_options(args, graph):
+    """Options from ``--bits/--group-size/--act-bits/--quant-method/--asymmetric``; logs what some
+    layers cannot take."""
+    from ..options import describe, resolve_options
+    opts = resolve_options(graph, args.bits, args.group_size, args.act_bits, args.quant_method,
+                           not args.asymmetric)
+    log.info("options: %s = %d per layer", describe(opts.specs), len(opts.specs))
+    for line in opts.summary(graph.names)[:8]:
+        log.info("  not possible: %s", line)
+    return opts
+
+
+def loss_for(args, spec):
+    """The loss_fn for scoring: None (label-free) or next-token cross-entropy for ``--loss ce``."""
+    if getattr(args, "loss", "kl") == "ce":
+        if spec.kind != "causal_lm":
+            raise ValueError(f"--loss ce needs a causal LM; {spec.name!r} is a {spec.kind} model")
+        from ..evaluate import next_token_ce
+        return next_token_ce
+    return None
