@@ -23,7 +23,7 @@ def add(sub, common):
                    help="size budget as average bits per quantized weight element, counting codes and "
                         "fp16 scales/zeros (non-quantized parameters added at their size)")
     pl.add_argument("--max-latency-ms", type=A.positive, metavar="MS",
-                    help="latency budget in ms per forward, from a measured profile (needs --profile); the "
+                    help="latency budget in milliseconds per forward, from a measured profile (needs --profile); the "
                          "feasible range depends on the device: `bitplan calibrate` prints it")
     pl.add_argument("--profile", type=A.existing_file, metavar="FILE",
                     help="latency profile JSON written by `bitplan calibrate` on the target device")

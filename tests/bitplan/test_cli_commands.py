@@ -74,7 +74,7 @@ def test_show_plan_and_sensitivity(work):
         assert word in p.stdout
     assert is_png(work / "show_bits.png")
     p = ok(run("show", work / "sens.json", "--plot", work / "heat.png"))
-    assert "8 bits" in p.stdout and "most sensitive" in p.stdout
+    assert "w8" in p.stdout and "most sensitive" in p.stdout
     assert is_png(work / "heat.png")
 
 
@@ -87,7 +87,9 @@ def test_apply_writes_folder_that_loads_back(work):
     ok(run("apply", "--model", TINY, "--plan", work / "plan.json", "--out", work / "packed"))
     assert sorted(os.listdir(work / "packed")) == ["bitplan_packed.json", "model.safetensors", "plan.json"]
     model, batches = tiny()
-    loaded = load_packed(work / "packed")                          # model spec read from the manifest
+    with pytest.raises(ValueError, match="pass the model factory"):      # a folder never names code
+        load_packed(work / "packed")
+    loaded = load_packed(work / "packed", tiny)
     ref = apply_plan_(model, Plan.load(work / "plan.json"), mode="packed")
     with torch.no_grad():
         assert torch.equal(loaded(batches[0]), ref(batches[0]))
@@ -100,9 +102,21 @@ def test_frontier_writes_png_and_json(work):
     front = json.loads((work / "front.json").read_text())
     sizes = [q["size_mb"] for q in front["points"]]
     assert len(sizes) == 3 and sizes == sorted(sizes)
-    assert all(q["measured_loss"] is not None for q in front["points"])
-    assert [u["bits"] for u in front["uniform"]] == [2, 3, 4, 8]
+    assert all(q["measured"] is not None for q in front["points"])
+    assert [u["bits"] for u in front["uniform"]] == [2, 3, 4, 5, 6, 8]
     assert is_png(work / "front.png")
+
+
+def test_plan_mixes_group_sizes_and_w8a8_options(work):
+    from bitplan import Plan
+    ok(run("plan", "--model", TINY, "--avg-bits", "5", "--bits", "2,4,8", "--group-size", "channel,32",
+           "--act-bits", "none,8", "--max-probes", "4", "--quiet", "--out", work / "mixed.json"))
+    plan = Plan.load(work / "mixed.json")
+    assert len(plan.estimator["options"]) == 3 * 2 * 2
+    p = ok(run("show", work / "mixed.json"))
+    assert "kernel" in p.stdout and "predicted size_bytes" in p.stdout
+    p = run("plan", "--model", TINY, "--avg-bits", "5", "--group-size", "channel,abc", "--out", work / "x.json")
+    assert p.returncode == 2 and "--group-size" in p.stderr
 
 
 def test_export_torchao_and_hf(work):
@@ -163,7 +177,7 @@ def test_every_option_has_help_with_units():
     from bitplan.cli import build_parser
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices
-    assert set(sub) == {"plan", "calibrate", "apply", "frontier", "show", "export", "demo"}
+    assert set(sub) == {"plan", "calibrate", "apply", "frontier", "show", "export", "eval", "demo"}
     for name, sp in sub.items():
         for action in sp._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
@@ -204,7 +218,7 @@ def test_infeasible_budget_exits_2_with_the_smallest_size(work):
     (["--solver", "nope"], "--solver"),
     (["--sensitivity", "nope"], "--sensitivity"),
     (["--keep", "zz*=8"], "--keep"),
-    (["--keep", "fc1=6"], "--keep"),
+    (["--keep", "fc1=7"], "--keep"),
 ])
 def test_bad_values_exit_2_before_scoring(extra, named, tmp_path):
     p = run("plan", "--model", TINY, "--budget-mb", "1", *extra, "--out", tmp_path / "x.json")

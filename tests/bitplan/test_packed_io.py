@@ -1,28 +1,32 @@
-"""save_packed / load_packed: the folder loads back with one call and computes exactly the same."""
+"""save_packed / load_packed: the folder loads back with one call and computes exactly the same;
+loading never runs code named by the folder, never reads outside it; saving never loses the old folder."""
 from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
 import bitplan
-from bitplan.costmodels import model_nbytes
-from bitplan.kernels.formats import QuantSpec
+from bitplan.assemble import make_plan
+from bitplan.core.graph import LayerGraph
+from bitplan.core.spec import QuantSpec
+from bitplan.costmodels import base_nbytes, model_nbytes
 from bitplan.packed_io import MANIFEST_FILE, load_packed, read_manifest, save_packed
 from bitplan.plan import Plan
 from tests.fixtures_models import tiny, tiny_cnn
 
 
 def mixed_plan(model, bits):
-    from bitplan.demo import uniform_plan
-    from bitplan.core.graph import LayerGraph
     g = LayerGraph.build(model)
-    base = uniform_plan(g, 8)
-    layers = {n: QuantSpec(b, 32 if b == 4 else None) for n, b in zip(base.layers, bits)}
-    return Plan(base.model_fingerprint, layers, {}, meta=base.meta)
+    specs = {n: QuantSpec(b, 32 if b == 4 and l.in_features % 32 == 0 and l.in_features > 32 else None)
+             for (n, l), b in zip(((l.name, l) for l in g.layers), bits)}
+    return make_plan(g, specs, base_nbytes(model, g.names))
 
 
 @pytest.mark.parametrize("factory, bits", [(tiny, (2, 3, 4, 8)), (tiny_cnn, (4, 8, 16))])
@@ -33,14 +37,22 @@ def test_round_trip_is_exact(factory, bits, tmp_path):
         warnings.simplefilter("ignore", RuntimeWarning)          # conv layers run the dequant path
         manifest = save_packed(model, plan, tmp_path / "m", model_spec=f"tests.fixtures_models:{factory.__name__}")
         ref = bitplan.apply_plan_(copy.deepcopy(model), plan, mode="packed")
-        for src in (None, factory, f"tests.fixtures_models:{factory.__name__}", factory()[0]):
+        for src in (factory, f"tests.fixtures_models:{factory.__name__}", factory()[0]):
             loaded = load_packed(tmp_path / "m", src)
             with torch.no_grad():
                 for b in batches:
                     assert torch.equal(loaded(b), ref(b))
-    assert manifest["size_bytes"] == model_nbytes(ref) == model_nbytes(loaded)
+    assert manifest["size_bytes"] == model_nbytes(ref) == model_nbytes(loaded) == plan.predicted["size_bytes"]
     assert Plan.load(tmp_path / "m" / "plan.json").bits == plan.bits
-    assert all(s.kernel for s in loaded.bitplan_plan.layers.values())      # kernels recorded
+    assert set(loaded.bitplan_plan.kernels) == set(plan.layers)              # kernels recorded
+    mode = os.stat(tmp_path / "m" / "plan.json").st_mode & 0o777
+    assert mode == 0o666 & ~_umask()                                        # not mkstemp's 0600
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
 
 
 def test_fp_model_is_not_modified_and_packed_model_is_saved_as_is(tmp_path):
@@ -60,12 +72,59 @@ def test_bad_folders_raise_value_error(tmp_path):
     with pytest.raises(ValueError, match="not a bitplan packed model folder"):
         load_packed(tmp_path, tiny)
     model, _ = tiny()
-    save_packed(model, mixed_plan(model, (8, 8, 8, 8)), tmp_path / "m")
-    with pytest.raises(ValueError, match="records no model_spec"):
+    save_packed(model, mixed_plan(model, (8, 8, 8, 8)), tmp_path / "m", model_spec="tests.fixtures_models:tiny")
+    with pytest.raises(ValueError, match="pass the model factory"):          # never imports the recorded spec
         load_packed(tmp_path / "m")
     with pytest.raises(bitplan.PlanMismatchError):
         load_packed(tmp_path / "m", tiny_cnn)                    # another architecture
     man = json.loads((tmp_path / "m" / MANIFEST_FILE).read_text())
     (tmp_path / "m" / MANIFEST_FILE).write_text(json.dumps({**man, "format_version": 99}))
-    with pytest.raises(ValueError, match="version 99"):
+    with pytest.raises(ValueError, match="format_version = 99"):
         read_manifest(tmp_path / "m")
+
+
+@pytest.mark.parametrize("change", [
+    {"skeleton": {"kind": "builtin", "name": "os:abort"}},
+    {"skeleton": {"kind": "factory", "spec": "payload:run"}},
+    {"skeleton": {"kind": "hf_config", "dir": "/etc"}},
+    {"weights": "/etc/passwd"},
+    {"model_spec": "payload:run", "extra": 1},
+])
+def test_a_folder_never_runs_code_or_reads_outside_itself(tmp_path, change):
+    model, batches = tiny()
+    folder = tmp_path / "m"
+    save_packed(model, mixed_plan(model, (8, 8, 8, 8)), folder, model_spec="tests.fixtures_models:tiny")
+    (folder / "payload.py").write_text("import pathlib; pathlib.Path('PWNED').write_text('x')\n"
+                                       "def run():\n    raise SystemExit(3)\n")
+    man = json.loads((folder / MANIFEST_FILE).read_text())
+    (folder / MANIFEST_FILE).write_text(json.dumps({**man, **change}))
+    code = (f"import bitplan; bitplan.load_packed({str(folder)!r})")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder, timeout=120)
+    assert p.returncode == 1 and "ValueError" in p.stderr, p.stderr      # refused, not executed, not aborted
+    assert not (folder / "PWNED").exists()
+
+
+def test_a_failed_save_leaves_the_previous_folder_loadable(tmp_path, monkeypatch):
+    model, batches = tiny()
+    folder = tmp_path / "m"
+    plan = mixed_plan(model, (8, 8, 8, 8))
+    save_packed(model, plan, folder)
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_model", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_packed(model, mixed_plan(model, (2, 2, 2, 2)), folder)
+    monkeypatch.undo()
+    assert Plan.load(folder / "plan.json").bits == plan.bits
+    loaded = load_packed(folder, tiny)
+    assert sorted(os.listdir(tmp_path)) == ["m"]                               # no temp folders left
+    with torch.no_grad():
+        assert loaded(batches[0]).shape == (8, 16)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a bitplan packed folder"):       # never overwrites user files
+        save_packed(model, plan, other)
+    assert (other / "mine.txt").read_text() == "keep me"

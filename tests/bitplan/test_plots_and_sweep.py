@@ -5,10 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitplan.kernels.formats import QuantSpec
+from bitplan.core.graph import LayerGraph
+from bitplan.core.spec import QuantSpec, option_grid
+from bitplan.options import resolve_options
 from bitplan.plan import Plan
 from bitplan.sensitivity import Sensitivity
 from tests.fixtures_models import tiny
+
+GRID = dict(bits=(2, 3, 4, 8), group_size=None)
+
+
+def setup():
+    model, batches = tiny()
+    graph = LayerGraph.build(model, batches[0])
+    return model, batches, graph, resolve_options(graph, **GRID)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -22,23 +32,23 @@ def png_size(path):
 
 @pytest.fixture(scope="module")
 def table():
-    from bitplan.sweep import scored_table
-    model, batches = tiny()
-    return scored_table(model, batches, bits=(2, 3, 4, 8), sensitivity_opts={"max_probes": 4, "min_probes": 4},
+    from bitplan.scoring import scored_table
+    model, batches, graph, opts = setup()
+    return scored_table(model, batches, opts, graph, sensitivity_opts={"max_probes": 4, "min_probes": 4},
                         quiet=True)
 
 
 def test_sweep_frontier_is_monotone_and_plots(table, tmp_path):
+    from bitplan.frontier import sweep
     from bitplan.plots import plot_frontier
-    from bitplan.sweep import sweep
-    model, batches = tiny()
-    front = sweep(model, batches, points=4, table=table, quiet=True)
+    model, batches, graph, opts = setup()
+    front = sweep(model, batches, table, opts, graph, points=4, quiet=True)
     pts = front["points"]
     assert len(pts) == 4
     assert all(p["size_mb"] <= p["budget_mb"] + 1e-12 for p in pts)
     pred = [p["predicted_loss"] for p in pts]
     assert all(a >= b - 1e-15 for a, b in zip(pred, pred[1:]))    # more bytes never predicted worse
-    assert pts[-1]["measured_loss"] < pts[0]["measured_loss"]
+    assert pts[-1]["measured"] < pts[0]["measured"]
     assert [u["bits"] for u in front["uniform"]] == [2, 3, 4, 8]
     w, h = png_size(plot_frontier(front, tmp_path / "f.png"))
     assert w > 600 and h > 300
@@ -51,13 +61,13 @@ def test_bits_and_heatmap_plots(table, tmp_path):
     w, h = png_size(plot_bits(plan, tmp_path / "bits.png"))
     assert w > h > 200
     png_size(plot_sensitivity(table, tmp_path / "heat.png"))
-    big = Sensitivity(names, (2, 4, 8), np.random.default_rng(0).random((40, 3)), "hessian")
+    big = Sensitivity(names, option_grid((2, 4, 8)), np.random.default_rng(0).random((40, 3)), "hessian")
     w, h = png_size(plot_sensitivity(big, tmp_path / "heat40.png"))
     assert h > w
 
 
 def test_avg_bits_budget_and_keep_globs():
-    from bitplan.sweep import avg_bits_budget_mb, resolve_keep
+    from bitplan.budgets import avg_bits_budget_mb, resolve_keep
     model, _ = tiny()
     n = sum(p.numel() for name, p in model.named_parameters() if name.endswith("weight"))
     bias = sum(p.numel() for name, p in model.named_parameters() if name.endswith("bias")) * 4
@@ -72,25 +82,27 @@ def test_avg_bits_budget_and_keep_globs():
 
 
 def test_sensitivity_cache_round_trip_and_mismatch(table, tmp_path):
-    from bitplan.sweep import scored_table
-    model, batches = tiny()
+    from bitplan.scoring import scored_table
+    model, batches, graph, opts = setup()
     table.save(tmp_path / "s.json")
-    again = scored_table(model, batches, bits=(2, 3, 4, 8), cache=tmp_path / "s.json")
-    assert np.array_equal(again.loss, table.loss)
-    with pytest.raises(ValueError, match="does not match"):
-        scored_table(model, batches, bits=(4, 8), cache=tmp_path / "s.json")
-    with pytest.raises(ValueError, match="group_size"):
-        scored_table(model, batches, bits=(2, 3, 4, 8), group_size=16, cache=tmp_path / "s.json")
+    again = scored_table(model, batches, opts, graph, cache=tmp_path / "s.json")
+    assert np.array_equal(again.loss, table.loss) and again.options == table.options
+    with pytest.raises(ValueError, match="options differ"):
+        scored_table(model, batches, resolve_options(graph, bits=(4, 8), group_size=None), graph,
+                     cache=tmp_path / "s.json")
+    with pytest.raises(ValueError, match="not scored: \\['w2g16'"):
+        scored_table(model, batches, resolve_options(graph, bits=(2, 3, 4, 8), group_size=16), graph,
+                     cache=tmp_path / "s.json")
 
 
 def test_report_tables(table):
     from bitplan.report import format_plan, format_sensitivity
     model, batches = tiny()
     import bitplan
-    plan = bitplan.allocate(model, budget_mb=0.008, calib_data=batches, sensitivity_table=table)
+    plan = bitplan.allocate(model, budget_mb=0.008, calib_data=batches, sensitivity_table=table, **GRID)
     text = format_plan(plan)
     assert "fc1" in text and "average weight bits" in text and "budget 0.008 MB" in text
-    assert "most sensitive at 2 bits" in format_sensitivity(table)
+    assert "most sensitive at w2" in format_sensitivity(table)
 
 
 def test_import_bitplan_stays_light():
