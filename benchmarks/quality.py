@@ -123,7 +123,7 @@ def plan_bits(plan) -> str:
 def run_task(name: str, quick: bool, work: str, seed: int, log) -> dict:
     from bitplan.costmodels import base_nbytes
     from bitplan.core.graph import LayerGraph
-    from bitplan.kernels.formats import QuantSpec
+    from bitplan.core.spec import QuantSpec
     from bitplan.core.batches import run_model
 
     t_task = time.perf_counter()
@@ -216,7 +216,7 @@ def run_task(name: str, quick: bool, work: str, seed: int, log) -> dict:
                 scored = a if a.table is None else bg
             else:
                 from bitplan.sensitivity import Sensitivity
-                scored = type(a)(Sensitivity(a.table.names, a.table.bits + bg.table.bits,
+                scored = type(a)(Sensitivity(a.table.names, a.table.options + bg.table.options,
                                              np.hstack([a.table.loss, bg.table.loss]), est),
                                  a.seconds + bg.seconds)
         ilp_method(key, key, scored, list(range(len(specs))), specs, pack_all)

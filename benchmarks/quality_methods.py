@@ -28,8 +28,10 @@ import torch
 from bitplan.allocator import Problem, solve
 from bitplan.costmodels import size_table
 from bitplan.allocator import InfeasibleBudgetError
-from bitplan.kernels.formats import QuantSpec
+from bitplan.core.spec import QuantSpec, option_grid
+from bitplan.costmodels.size import storage_kind
 from bitplan.kernels.quantizer import fake_quantize
+from bitplan.kernels.registry import kernel_nbytes
 from bitplan.plan import Plan
 from bitplan.sensitivity import ESTIMATORS, Sensitivity, score
 
@@ -70,9 +72,9 @@ def get_table(ctx: Context, est: str, group_size=None, bits=BITS) -> Scored:
     else:
         t0 = time.perf_counter()
         try:
-            tab = score(ctx.model, ctx.estimator_calib.get(est, ctx.calib), method=est, bits=bits,
-                        loss_fn=ctx.loss_fn, seed=ctx.seed, group_size=group_size,
-                        **ctx.estimator_opts.get(est, {}))
+            tab = score(ctx.model, ctx.estimator_calib.get(est, ctx.calib), method=est,
+                        options=option_grid(bits, group_size), loss_fn=ctx.loss_fn, seed=ctx.seed,
+                        graph=ctx.graph, **ctx.estimator_opts.get(est, {}))
             out = Scored(tab, time.perf_counter() - t0)
         except ValueError as e:          # e.g. lim on a model without blocks
             out = Scored(None, time.perf_counter() - t0, f"{type(e).__name__}: {e}")
@@ -98,8 +100,8 @@ def hessian_with_specs(ctx: Context, specs: list[QuantSpec]) -> Scored:
                      for s in specs])
     n = np.array([lay.n_params for lay in ctx.graph.layers], dtype=np.float64)
     loss = 0.5 * (tr / n)[:, None] * np.array(rows)                                 # (L, S)
-    tab = Sensitivity(base.table.names, tuple(s.bits for s in specs), loss, "hessian",
-                      None, True, base.table.model_fingerprint, dict(base.table.meta))
+    tab = Sensitivity(base.table.names, tuple(specs), loss, "hessian", None, base.table.model_fingerprint,
+                      dict(base.table.meta))
     return Scored(tab, base.seconds + time.perf_counter() - t0)
 
 
@@ -108,12 +110,15 @@ def _weight_2d(model, lay):
     return layer_weight_2d(model.get_submodule(lay.name), lay.kind)
 
 
+def nbytes(spec, layer) -> int:
+    return kernel_nbytes(spec, layer.out_features, layer.in_features, "cpu", storage_kind(layer))
+
+
 def make_plan(ctx: Context, specs: list[QuantSpec], name: str, extra: dict | None = None) -> Plan:
     """A Plan with one spec per layer (graph order) and its exact predicted size."""
-    size = ctx.base + sum(s.nbytes(l.out_features, l.in_features) for s, l in zip(specs, ctx.graph.layers))
-    return Plan(ctx.graph.fingerprint, {l.name: s for l, s in zip(ctx.graph.layers, specs)},
-                {"size_bytes": float(size)}, {}, {"name": name, **(extra or {})}, {"name": name},
-                {"layer_shapes": {l.name: list(l.weight_shape) for l in ctx.graph.layers}})
+    from bitplan.assemble import make_plan as build
+    return build(ctx.graph, {l.name: s for l, s in zip(ctx.graph.layers, specs)}, ctx.base,
+                 estimator={"name": name, **(extra or {})}, solver={"name": name})
 
 
 def solve_plan(ctx: Context, loss: np.ndarray, specs: list[QuantSpec], budget: float, name: str,
@@ -161,8 +166,8 @@ def rank_and_cut(ctx: Context, importance: np.ndarray, budget: float, levels: tu
     ``levels[1]`` bits, the rest ``levels[0]``. None if even all-low does not fit."""
     lo, hi = QuantSpec(levels[0]), QuantSpec(levels[1])
     layers = ctx.graph.layers
-    s_lo = np.array([lo.nbytes(l.out_features, l.in_features) for l in layers], dtype=np.float64)
-    s_hi = np.array([hi.nbytes(l.out_features, l.in_features) for l in layers], dtype=np.float64)
+    s_lo = np.array([nbytes(lo, l) for l in layers], dtype=np.float64)
+    s_hi = np.array([nbytes(hi, l) for l in layers], dtype=np.float64)
     total = ctx.base + s_lo.sum()
     if total > budget:
         return None

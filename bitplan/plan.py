@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 
 from .core.jsonio import (Fields, anything, atomic_write_text, boolean, dict_of, integer, json_dumps,
                           list_of, number, optional, read_json, string, version)
-from .core.spec import (FP16_BITS, MAX_GROUP, QuantSpec, check_act_bits, check_bits, check_group_size,
-                        spec_from_dict)
+from .core.spec import FP16_BITS, QuantSpec, check_act_bits, check_bits, check_group_size, spec_from_dict
 
 __all__ = ["Plan", "SCHEMA_VERSION", "layer_k"]
 
@@ -184,13 +183,12 @@ class Plan:
                 layers[name] = spec_from_dict(e, at)
         meta = _meta_check(names, ver)(f["meta"], f"{where}: meta")
         shapes, kinds = meta.get("layer_shapes", {}), meta.get("layer_kinds", {})
-        for name, s in layers.items():       # a group larger than the layer is never a valid option
+        for name, s in layers.items():       # a partial group is never an option bitplan makes
             k = layer_k(shapes[name], kinds.get(name)) if name in shapes else None
-            if s.group_size is not None and k is not None and s.group_size > k:
-                raise ValueError(f"{where}: layers[{name!r}] group_size={s.group_size} is larger than the "
-                                 f"layer's input dimension K={k}")
-            if s.group_size is not None and s.group_size > MAX_GROUP:
-                raise ValueError(f"{where}: layers[{name!r}] group_size={s.group_size} > {MAX_GROUP}")
+            g = s.group_size
+            if g is not None and k is not None and g < k and k % g:
+                raise ValueError(f"{where}: layers[{name!r}] group_size={g} does not divide the layer's "
+                                 f"input dimension K={k}")
         order = meta.pop("layer_order", None)
         if order is not None:
             layers = {n: layers[n] for n in order}

@@ -99,7 +99,7 @@ def main(argv=None):
     model.eval()
 
     calib = DataLoader(Synthetic(256, seed=2), batch_size=64)        # a DataLoader is fine as calib_data
-    from bitplan.sweep import avg_bits_budget_mb
+    from bitplan.budgets import avg_bits_budget_mb
     budget = avg_bits_budget_mb(model, args.avg_bits)
     plan = bitplan.allocate(model, budget_mb=budget, calib_data=calib, loss_fn=loss_fn, bits=(2, 3, 4, 8),
                             group_size=32, keep={"out": 8},             # pin the head at 8 bits
@@ -114,9 +114,10 @@ def main(argv=None):
         packed = bitplan.apply_plan_(copy.deepcopy(model), plan, mode="packed")    # real packed weights
     print(f"plan: packed {model_nbytes(packed) / 1e3:.1f} kB (predicted {plan.predicted['size_bytes'] / 1e3:.1f}), "
           f"test MSE fake {evaluate(fake, test):.5f}, packed {evaluate(packed, test):.5f}")
-    from bitplan.demo import uniform_plan
+    from bitplan.assemble import uniform_plan
     from bitplan.core.graph import LayerGraph
-    u3 = bitplan.apply_plan_(copy.deepcopy(model), uniform_plan(LayerGraph.build(model), 3, 32), mode="packed")
+    u3 = bitplan.apply_plan_(copy.deepcopy(model), uniform_plan(LayerGraph.build(model), bitplan.QuantSpec(3, 32), 0),
+                             mode="packed")
     print(f"uniform int3 g32: packed {model_nbytes(u3) / 1e3:.1f} kB, test MSE {evaluate(u3, test):.5f}")
     assert plan.predicted["size_bytes"] <= budget * MB
     return plan

@@ -20,7 +20,7 @@ from torch import nn
 
 import bitplan
 from bitplan.costmodels import model_nbytes
-from bitplan.sweep import avg_bits_budget_mb
+from bitplan.budgets import avg_bits_budget_mb
 
 
 def digits(seed: int = 0):
@@ -79,28 +79,28 @@ def main(argv=None):
     calib = [(Xtr[i:i + 64], ytr[i:i + 64]) for i in range(0, 64 * args.calib_batches, 64)]
     budget = avg_bits_budget_mb(model, args.avg_bits)
     plan = bitplan.allocate(model, budget_mb=budget, calib_data=calib, loss_fn=task_loss,
-                            bits=(2, 3, 4, 8), sensitivity_opts={"max_probes": args.max_probes,
+                            bits=(2, 3, 4, 8), group_size=None, sensitivity_opts={"max_probes": args.max_probes,
                                                                  "min_probes": min(8, args.max_probes)})
     print(f"fp32: {model_nbytes(model) / 1e3:.1f} kB, test accuracy {accuracy(model, Xte, yte):.4f}")
     print(f"budget {budget * 1e3:.1f} kB ({args.avg_bits} bits per weight on average); plan bits: {plan.bits}")
 
-    from bitplan.demo import uniform_plan
+    from bitplan.assemble import uniform_plan
     from bitplan.core.graph import LayerGraph
     from bitplan.costmodels import base_nbytes
     g = LayerGraph.build(model)
     base = base_nbytes(model, g.names)
-    # W8A8: the plan's 8-bit layers also get int8 activations (per-token dynamic scales)
-    w8a8 = bitplan.Plan(plan.model_fingerprint,
-                        {n: dataclasses.replace(s, act_bits=8) if s.bits == 8 else s for n, s in plan.layers.items()},
-                        plan.predicted, plan.budgets, plan.estimator, plan.solver, plan.meta)
-    rows = [("bitplan", plan), ("bitplan, 8-bit layers W8A8", w8a8)] + \
-        [(f"uniform int{b}", uniform_plan(g, b, base_bytes=base)) for b in (2, 3, 4)]
+    # W8A8 as options: the solver may give any layer int8 activations (per-token dynamic scales)
+    w8a8 = bitplan.allocate(model, budget_mb=budget, calib_data=calib, loss_fn=task_loss,
+                            bits=(2, 3, 4, 8), group_size=None, act_bits=(None, 8),
+                            sensitivity_opts={"max_probes": args.max_probes, "min_probes": min(8, args.max_probes)})
+    rows = [("bitplan", plan), ("bitplan, options with W8A8", w8a8)] + \
+        [(f"uniform int{b}", uniform_plan(g, bitplan.QuantSpec(b), base)) for b in (2, 3, 4)]
     print(f"\n{'plan':<28} {'size kB':>8} {'test acc':>9}  kernels")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)      # conv layers run the reference path
         for name, p in rows:
             q = bitplan.apply_plan_(copy.deepcopy(model), p, mode="packed")
-            kernels = sorted({s.kernel for s in q.bitplan_plan.layers.values()})
+            kernels = sorted(set(q.bitplan_plan.kernels.values()))
             print(f"{name:<28} {model_nbytes(q) / 1e3:>8.1f} {accuracy(q, Xte, yte):>9.4f}  {', '.join(kernels)}")
     return plan
 

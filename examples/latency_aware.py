@@ -23,7 +23,7 @@ from bitplan.kernels.calibrate import calibrate, measure_fixed_cost
 from bitplan.kernels.formats import QuantSpec
 from bitplan.kernels.timing import time_interleaved
 from bitplan.sensitivity import score
-from bitplan.sweep import avg_bits_budget_mb
+from bitplan.budgets import avg_bits_budget_mb
 
 
 def make_mlp(d: int = 512, depth: int = 4) -> nn.Module:

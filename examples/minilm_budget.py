@@ -18,9 +18,11 @@ import torch
 
 import bitplan
 from bitplan.costmodels import MB, base_nbytes, model_nbytes
-from bitplan.demo import fidelity, uniform_plan
+from bitplan.assemble import uniform_plan
 from bitplan.core.graph import LayerGraph
-from bitplan.models import embed, load_model
+from bitplan.core.spec import QuantSpec
+from bitplan.evaluate import embed, fidelity
+from bitplan.models import load_model
 from bitplan.packed_io import load_packed, save_packed
 
 
@@ -40,11 +42,11 @@ def main(argv=None):
     model, held = spec.model, spec.eval_data[:max(1, args.eval_sentences // 16)]
     graph = LayerGraph.build(model)
     base = base_nbytes(model, graph.names)
-    u4, u8 = uniform_plan(graph, 4, base_bytes=base), uniform_plan(graph, 8, base_bytes=base)
+    u4, u8 = uniform_plan(graph, QuantSpec(4), base), uniform_plan(graph, QuantSpec(8), base)
     budget = args.budget_mb or (0.6 * u4.predicted["size_bytes"] + 0.4 * u8.predicted["size_bytes"]) / MB
     opts = {"max_probes": args.max_probes, "min_probes": min(8, args.max_probes)} if args.sensitivity == "hessian" else {}
     plan = bitplan.allocate(model, budget_mb=budget, calib_data=spec.calib_data, sensitivity=args.sensitivity,
-                            bits=(2, 3, 4, 8), sensitivity_opts=opts)
+                            sensitivity_opts=opts)                  # default options: see bitplan.options
     print(f"MiniLM-L6: fp32 {model_nbytes(model) / MB:.2f} MB; budget {budget:.3f} MB; plan predicted "
           f"{plan.predicted['size_bytes'] / MB:.3f} MB; {plan.estimator['name']} sensitivity, "
           f"solver {plan.solver['name']} ({plan.solver['status']})")
@@ -54,11 +56,11 @@ def main(argv=None):
         warnings.simplefilter("ignore", RuntimeWarning)
         packed = bitplan.apply_plan_(copy.deepcopy(model), plan, mode="packed")
         with tempfile.TemporaryDirectory() as d:        # the packed folder loads back with one call
-            save_packed(packed, plan, d, model_spec="minilm")
+            save_packed(packed, plan, d, model_spec="minilm")     # rebuilds the built-in skeleton itself
             reloaded = load_packed(d, lambda: copy.deepcopy(model))
             same = torch.equal(embed(reloaded, held[:1]), embed(packed, held[:1]))
         rows = [("bitplan", packed)]
-        for name, p in [("uniform int4", u4), ("uniform int4 g32", uniform_plan(graph, 4, 32, base_bytes=base)),
+        for name, p in [("uniform int4", u4), ("uniform int4 g32", uniform_plan(graph, QuantSpec(4, 32), base)),
                         ("uniform int8", u8)]:
             rows.append((name, bitplan.apply_plan_(copy.deepcopy(model), p, mode="packed")))
     print(f"packed folder reloads identically: {same}\n")

@@ -12,7 +12,7 @@ A weight shared by several modules (an embedding tied to an LM head) is one entr
 layer name (``LayerInfo.name``); it is quantized once and its packed tensors are stored once.
 
 Which options a layer can take at all is :func:`option_reason` (the quantizer's rules, not speed):
-a group size must divide the layer's input dimension and be smaller than it; embeddings take no
+a group size smaller than the layer's input dimension must divide it; embeddings take no
 activation quantization and only round-to-nearest (they have no input activations).
 
 Example:
@@ -21,6 +21,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -50,9 +51,7 @@ def option_reason(spec: QuantSpec, layer) -> str | None:
     if spec.bits == FP16_BITS:
         return None
     g = spec.group_size
-    if g is not None and g >= k:
-        return f"group_size {g} >= K={k} (one group per row: that is the per-channel option)"
-    if g is not None and k % g:
+    if g is not None and g < k and k % g:
         return f"K={k} is not a multiple of group_size {g}"
     if "embedding" in kinds:
         if spec.act_bits is not None:
@@ -63,12 +62,20 @@ def option_reason(spec: QuantSpec, layer) -> str | None:
 
 
 def option_mask(layers, specs) -> tuple[list[list[bool]], dict[tuple[int, int], str]]:
-    """(L, B) allowed flags and {(l, b): reason} for every option a layer cannot take."""
+    """(L, B) allowed flags and {(l, b): reason} for every option a layer cannot take.
+
+    A group as large as the layer's input dim is one group per row: when the same option per
+    channel is also among ``specs`` it is a duplicate and masked, otherwise it stands for it."""
     allowed, why = [], {}
+    present = set(specs)
     for i, l in enumerate(layers):
         row = []
         for j, s in enumerate(specs):
             r = option_reason(s, l)
+            if r is None and s.group_size is not None and s.group_size >= l.in_features \
+                    and dataclasses.replace(s, group_size=None) in present:
+                r = (f"group_size {s.group_size} >= K={l.in_features}: one group per row, the same as the "
+                     "per-channel option")
             row.append(r is None)
             if r is not None:
                 why[(i, j)] = r

@@ -71,7 +71,7 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """(N, K) -> (N, G, g); a partial last group is padded by repeating its last value
     (padding never changes a group's min / max / absmax)."""
     n, k = w.shape
-    if group_size is None:
+    if group_size is None or group_size >= k:      # one group per row: never pad beyond K
         return w.unsqueeze(1)
     g = n_groups(k, group_size)
     pad = g * group_size - k
