@@ -122,14 +122,12 @@ def json_dumps(obj, indent: int | None = 2) -> str:
 
 
 def _default(o):
-    try:
-        import numpy as np
-    except ImportError:         # pragma: no cover - numpy is a dependency
-        np = None
-    if np is not None and isinstance(o, np.generic):
-        return o.item()
-    if np is not None and isinstance(o, np.ndarray):
-        return o.tolist()
+    """numpy scalars and arrays as JSON values, recognised without importing numpy."""
+    if type(o).__module__ == "numpy":
+        if hasattr(o, "tolist") and getattr(o, "ndim", 0) > 0:
+            return o.tolist()
+        if hasattr(o, "item"):
+            return o.item()
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
