@@ -142,13 +142,18 @@ def _quiet_transformers():
 
 def _tokenizer(path: str):
     from transformers import AutoTokenizer
+    why = None
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        if len(tok) < 2 or len(tok("Return the sum of a and b.")["input_ids"]) < 2:
+            why = f"the tokenizer found has {len(tok)} tokens"
     except Exception as e:      # transformers raises many kinds; the user needs one sentence
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    if why is not None:
         raise ValueError(f"{path}: no usable tokenizer files (tokenizer.json, or vocab/merges, ...) to build "
-                         f"calibration text from ({first}); add them, or use a 'pkg.module:function' spec "
+                         f"calibration text from ({why}); add them, or use a 'pkg.module:function' spec "
                          "that returns (model, calib_batches)") from None
+    return tok
 
 
 def skeleton_from_config(path: str, model_class: str) -> nn.Module:
