@@ -112,3 +112,20 @@ def test_import_bitplan_stays_light():
             "'transformers', 'torchao', 'safetensors') if m in sys.modules]; print(heavy); assert not heavy")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_block_structured_models_get_grids(tmp_path):
+    from bitplan.plots import block_grid, plot_bits, plot_sensitivity
+    projs = ["self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj", "mlp.down_proj"]
+    names = ["model.embed_tokens"] + [f"model.layers.{i}.{p}" for i in range(56) for p in projs]
+    blocks, cols, pos, rest = block_grid(names)
+    assert len(blocks) == 56 and cols == projs and rest == ["model.embed_tokens"]
+    assert pos["model.layers.3.mlp.up_proj"] == (3, 2)
+    opts = option_grid((2, 4, 8), (None, 128))
+    plan = Plan("f", {n: opts[i % len(opts)] for i, n in enumerate(names)}, {"size_bytes": 1e6})
+    w, h = png_size(plot_bits(plan, tmp_path / "bits.png"))
+    assert 400 < w < 2600 and 400 < h < 2600                        # not a 2,871-px strip
+    t = Sensitivity(names, opts, np.random.default_rng(0).random((len(names), len(opts))), "hessian")
+    w, h = png_size(plot_sensitivity(t, tmp_path / "sens.png"))
+    assert w > h and h < 2600
+    assert block_grid(["fc1", "fc2", "head"]) is None
