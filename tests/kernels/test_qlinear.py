@@ -11,6 +11,7 @@ from bitplan.costmodels import base_nbytes, model_nbytes, size_table
 from bitplan.graph import LayerGraph, fingerprint
 from bitplan.kernels.actquant import fake_quantize_act
 from bitplan.kernels.apply import apply_plan_
+from bitplan.kernels.capability import w8a8_cpu_path
 from bitplan.kernels.formats import QuantSpec, weight_nbytes
 from bitplan.kernels.quantizer import fake_quantize
 from bitplan.kernels.registry import KERNELS, get_kernel, kernel_for, select_kernel
@@ -20,7 +21,11 @@ from bitplan.plan import Plan
 # per-token fake-quant activations for W8A8), computed in fp32. Why these numbers:
 #   int8_wo / int4_wo: activations rounded to bf16 (8-bit mantissa, ~50 dB) and, for int4, scales and
 #                      zeros rounded fp16 -> bf16; measured ~51 dB on random data.
-#   w8a8:              integer accumulation is exact; only fp32 rescaling differs (~140 dB measured).
+#   w8a8:              the path this CPU selects (kernels/capability.py) accumulates integers exactly
+#                      and fake_quantize_act uses the same activation range; the reference's fp32
+#                      matmul on dequantized values is what differs (132 dB measured on an AVX2-only
+#                      EPYC, onednn_u7). Before the path was checked, oneDNN's 8-bit activations gave
+#                      17.8 dB there (int16 saturation); test_w8a8.py asserts exactness directly.
 #   lowbit_unpack:     same arithmetic as the reference (vectorised unpack): essentially exact.
 SQNR_FLOOR = {"int8_wo": 45.0, "int4_wo": 45.0, "w8a8": 90.0, "lowbit_unpack": 120.0, "dequant": 120.0}
 
@@ -48,6 +53,8 @@ CASES = [  # (spec, expected kernel on CPU for a 1536x384 linear)
 
 @pytest.mark.parametrize("spec,kernel", CASES, ids=[c[0].label for c in CASES])
 def test_kernel_matches_fake_quant_and_bytes(spec, kernel):
+    if kernel == "w8a8" and w8a8_cpu_path().impl is None:
+        pytest.skip(f"no exact W8A8 path on this CPU: {w8a8_cpu_path().reason}")
     torch.manual_seed(0)
     lin = nn.Linear(384, 1536)
     x = torch.randn(3, 5, 384)
@@ -110,10 +117,12 @@ def test_packed_model_bytes_kernels_and_fallback_warning():
     with pytest.warns(RuntimeWarning, match=r"int4_wo: needs N % 16 == 0 \(N=24\): 1 layer\(s\), "
                       r"e.g. b \(w4g32, N=24, K=128\)") as rec:
         packed = apply_plan_(copy.deepcopy(model), plan, mode="packed")
-    assert "runs linear layers only (layer kind 'conv1d'): 1 layer(s), e.g. d (w4g32" in str(rec[0].message)
+    fallback = [str(r.message) for r in rec if "reference 'dequant' path" in str(r.message)]
+    assert len(fallback) == 1       # one warning for every fallback (W8A8 may add its own 7-bit note)
+    assert "runs linear layers only (layer kind 'conv1d'): 1 layer(s), e.g. d (w4g32" in fallback[0]
     assert model_nbytes(packed) == predicted
     kernels = {k: v.kernel for k, v in packed.bitplan_plan.layers.items()}
-    assert kernels == {"a": "int4_wo", "b": "dequant", "c": "w8a8", "d": "dequant"}
+    assert kernels == {"a": "int4_wo", "b": "dequant", "c": kernel_for(specs[2], 64, 24), "d": "dequant"}
     assert [type(packed.get_submodule(n)).kernel for n in "abcd"] == list(kernels.values())
     # the W8A8 layer quantizes its input per token in both: compare with act fake quant applied
     fake.c.register_forward_pre_hook(lambda m, a: (fake_quantize_act(a[0], 8),))
