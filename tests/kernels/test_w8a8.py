@@ -99,7 +99,9 @@ def test_8bit_path_only_where_exact():
         for x in inputs(128).values():
             assert sqnr(exact_w8a8(m, x, lin), m(x)) >= EXACT_DB
     else:
-        assert path.impl == "onednn_u7" and path.act_qmax == 63 and probe_onednn_exact(63)
+        assert path.impl in ("onednn_u7", None)
+        assert (path.impl == "onednn_u7") == probe_onednn_exact(63)
+        assert path.act_qmax == (63 if path.impl else 127)
         import platform
         x86 = platform.machine().lower() in ("x86_64", "amd64")
         assert (x86 and not any(flags.get(f) for f in INT8_DOT_FLAGS)) or not probe_onednn_exact(127)
