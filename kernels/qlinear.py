@@ -6,10 +6,23 @@ kernel          CPU op (verified on torch 2.13 CPU)          CUDA op (written to
 int8_wo         torch._weight_int8pack_mm (bf16 x)           torch._weight_int8pack_mm (bf16 x)
 int4_wo         torch._weight_int4pack_mm_for_cpu (bf16 x)   torch._weight_int4pack_mm (tinygemm, bf16 x)
 w8a8            onednn.qlinear_pointwise, uint8 x, prepacked torch._int_mm (int8 x int8 -> int32)
+                (8-bit codes with VNNI/AMX, else 7-bit)
 lowbit_unpack   vectorised unpack -> dequant -> dense op     same
 dequant         reference: quantizer.unpack -> dequantize    same
 fp16            fp16 weight cast to the activation dtype     same
 =============== ============================================ ============================================
+
+Shape constraints of the ops, found by sweeping M, K, N in crash-isolated processes
+(``benchmarks/kernel_constraints.py``; results in ``benchmarks/results/kernel_constraints.json``) and
+encoded in each kernel's ``supports()`` so other shapes take the reference path:
+- ``_weight_int8pack_mm`` (CPU): K % 8 == 0 — otherwise a segfault for M > 1 and wrong numbers for
+  M = 1; any N, any M (0 included); the input's last dim must be contiguous (forward makes it so).
+- ``_weight_int4pack_mm_for_cpu`` + ``_convert_weight_to_int4pack_for_cpu``: N % 16 == 0, group in
+  {32, 64, 128, 256}, K % group == 0 (each a clean RuntimeError otherwise); input contiguous.
+- ``onednn.qlinear_prepack`` / ``qlinear_pointwise``: no shape constraint found (M 0..33, K and N
+  1..384 incl. primes); exactness depends on the CPU (``kernels/capability.py``).
+- ``_int_mm`` (CPU): none found, bit-exact, but a scalar loop without VNNI (not used on CPU).
+  CUDA ``_int_mm`` (M > 16, K % 8, N % 8) and the CUDA int4 layout are not swept here (no GPU).
 
 Storage (parameters + buffers, bias excluded), ``nbytes`` of each class, checked against the real
 module in tests/kernels/test_qlinear.py:
@@ -36,11 +49,13 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
 
 from .actquant import quantize_act, quantize_act_u8
+from .capability import W8A8_CPU_IMPLS, onednn_qlinear_available, w8a8_cpu_path
 from .formats import FP16_BITS, QuantSpec, weight_nbytes
 from .lowbit import unpack_fast
 from .packed import FP16Layer, PackedLayer, layer_geometry
@@ -86,7 +101,8 @@ class _KernelLinear(nn.Module):
         self.shape2d = tuple(w2d.shape)                        # (N, K)
         self.bits, self.group_size, self.act_bits = spec.bits, spec.group_size, spec.act_bits
         self.symmetric = spec.symmetric
-        self.impl = w2d.device.type                            # 'cpu' | 'cuda': which op forward calls
+        self.device_type = w2d.device.type                     # 'cpu' | 'cuda': which op forward calls
+        self.impl = self.device_type                           # the op / path; kernels name it below
         self.bias = _bias(module)
 
     def extra_repr(self):
@@ -108,6 +124,8 @@ class Int8WeightOnly(_KernelLinear):
             return "activations must not be quantized (act_bits=8 is W8A8)"
         if n_groups(k, spec.group_size) != 1:
             return f"needs one scale per output channel (group_size={spec.group_size}, K={k})"
+        if k % 8:      # K % 8 != 0: segfault for M > 1, wrong numbers for M = 1 (benchmarks/kernel_constraints.py)
+            return f"torch._weight_int8pack_mm needs K % 8 == 0 (K={k})"
         if not has_op("_weight_int8pack_mm", device):
             return f"torch._weight_int8pack_mm has no {device} kernel in this torch build"
         return None
@@ -120,6 +138,7 @@ class Int8WeightOnly(_KernelLinear):
     def from_module(cls, module, kind, w2d, spec):
         m = cls()
         m._setup(module, kind, w2d, spec)
+        m.impl = "_weight_int8pack_mm"
         qt = quantize(w2d, 8, spec.group_size, spec.symmetric)
         m.register_buffer("weight_int8", (qt.codes.to(torch.int16) - 128).to(torch.int8))  # (N, K)
         m.register_buffer("scales", qt.scales.reshape(-1, 1).contiguous())                # (N, 1) fp16
@@ -129,7 +148,7 @@ class Int8WeightOnly(_KernelLinear):
     def forward(self, x):
         n, k = self.shape2d
         x2 = x.reshape(-1, k)                                                     # (M, K)
-        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8,
+        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight_int8,
                                       self.scales.reshape(-1).to(torch.bfloat16))  # (M, N) bf16
         y = y.float()
         if self.zeros is not None:
@@ -204,7 +223,8 @@ class Int4WeightOnly(_KernelLinear):
             sz = sz.expand(n, k // m.group, 2)
         sz = sz.transpose(0, 1)                                    # (G, N, 2)
         m.register_buffer("scales_and_zeros", sz.to(torch.bfloat16).contiguous())
-        if m.impl == "cpu":
+        m.impl = "_weight_int4pack_mm_for_cpu" if m.device_type == "cpu" else "_weight_int4pack_mm"
+        if m.device_type == "cpu":
             wp = torch._convert_weight_to_int4pack_for_cpu(qt.codes.to(torch.int32), 1)   # (N, K/2) u8
         else:
             c = qt.codes.to(torch.uint8)
@@ -215,22 +235,30 @@ class Int4WeightOnly(_KernelLinear):
 
     def forward(self, x):
         n, k = self.shape2d
-        xb = x.reshape(-1, k).to(torch.bfloat16)                                  # (M, K)
-        if self.impl == "cpu":
+        xb = x.reshape(-1, k).to(torch.bfloat16).contiguous()                     # (M, K)
+        if self.device_type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(xb, self.weight_int4, self.group, self.scales_and_zeros)
         else:
             y = torch._weight_int4pack_mm(xb, self.weight_int4, self.group, self.scales_and_zeros)
         return _finish(y, self.bias, x, n)
 
 
+_W8A8_WARNED = False
+
+
 @register("w8a8")
 class W8A8(_KernelLinear):
-    """int8 per-channel symmetric weights x int8 per-token dynamic activations.
+    """int8 per-channel symmetric weights x int8 per-token dynamic activations; integer-exact.
 
-    CPU: oneDNN ``qlinear_pointwise`` on a prepacked weight; activations go in as uint8 (code + 128,
-    zero point 128 — int8 activations fall to a ~1000x slower reference path), with activation
-    scale 1 so the kernel returns Σ q_x·q_w·s_w exactly; the per-token scale multiplies afterwards.
-    CUDA: ``torch._int_mm`` (needs M > 16: small batches are zero-padded to 17 rows).
+    ``impl`` (shown in the repr) says which path runs; CPU paths come from
+    ``capability.w8a8_cpu_path()``, the same decision the activation fake quantizer reads:
+    - ``onednn_u8``: oneDNN ``qlinear_pointwise`` on a prepacked weight, activations as uint8
+      (code + 128, zero point 128; int8 activations fall to a ~1000x slower reference path),
+      activation scale 1 so the kernel returns Σ q_x·q_w·s_w; the per-token scale multiplies after.
+      Only on CPUs whose int8 dot product accumulates in int32 (VNNI/AMX), checked by a probe.
+    - ``onednn_u7``: the same call with 7-bit codes (|code| ≤ 63, uint8 = code + 64): exact on every
+      CPU, since a u8·s8 pair sum stays below the int16 limit. Chosen where 8-bit codes saturate.
+    - ``int_mm`` (CUDA): ``torch._int_mm`` (needs M > 16: small batches are zero-padded to 17 rows).
     """
 
     @classmethod
@@ -245,9 +273,9 @@ class W8A8(_KernelLinear):
         if n_groups(k, spec.group_size) != 1:
             return f"needs one scale per output channel (group_size={spec.group_size}, K={k})"
         if device == "cpu":
-            if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn")
-                    and hasattr(torch.ops.onednn, "qlinear_pointwise")):
-                return "oneDNN qlinear is missing in this torch build"
+            path = w8a8_cpu_path()
+            if path.impl is None:
+                return f"no exact W8A8 kernel on this CPU ({path.reason})"
         else:
             if k % 8 or n % 8:
                 return f"torch._int_mm needs K % 8 == 0 and N % 8 == 0 (N={n}, K={k})"
@@ -260,17 +288,44 @@ class W8A8(_KernelLinear):
         return n * k + n * 2                                         # int8 + fp16 scale
 
     @classmethod
-    def from_module(cls, module, kind, w2d, spec):
+    def from_module(cls, module, kind, w2d, spec, impl: str | None = None):
+        """``impl=None``: this device's path. Forcing one (tests, benchmarks) is a ValueError when it
+        cannot run here; a forced CPU impl may differ from what ``fake_quantize_act`` models."""
         m = cls()
         m._setup(module, kind, w2d, spec)
+        m.impl, m.act_qmax = cls._choose_impl(m.device_type, impl)
         qt = quantize(w2d, 8, spec.group_size, True)
         w8 = (qt.codes.to(torch.int16) - 128).to(torch.int8).contiguous()                  # (N, K)
         m.register_buffer("scales", qt.scales.reshape(-1, 1).contiguous())                # (N, 1) fp16
         m._set_weight(w8)
         return m
 
+    @staticmethod
+    def _choose_impl(device_type: str, impl: str | None) -> tuple[str, int]:
+        global _W8A8_WARNED
+        if device_type != "cpu":
+            if impl not in (None, "int_mm"):
+                raise ValueError(f"impl={impl!r} is not a {device_type} W8A8 path; allowed: 'int_mm'")
+            return "int_mm", 127
+        path = w8a8_cpu_path()
+        if impl is None:
+            if path.impl is None:
+                raise ValueError(f"no exact W8A8 kernel on this CPU ({path.reason}); "
+                                 "select_kernel routes such layers to 'dequant'")
+            if path.impl == "onednn_u7" and not _W8A8_WARNED:
+                _W8A8_WARNED = True
+                warnings.warn(f"W8A8 on this CPU quantizes activations to 7 bits (|code| <= 63): "
+                              f"{path.reason}. Fake quantization (kernels.actquant) models the same; "
+                              f"CPUs with VNNI/AMX run 8-bit activations.", RuntimeWarning, stacklevel=4)
+            return path.impl, path.act_qmax
+        if impl not in W8A8_CPU_IMPLS:
+            raise ValueError(f"impl={impl!r} is not a CPU W8A8 path; allowed: {sorted(W8A8_CPU_IMPLS)}")
+        if not onednn_qlinear_available():
+            raise ValueError(f"impl={impl!r} needs oneDNN qlinear, missing in this torch build")
+        return impl, W8A8_CPU_IMPLS[impl]
+
     def _set_weight(self, w8: torch.Tensor) -> None:
-        if self.impl == "cpu":   # the prepacked copy is the only copy; not a tensor with storage
+        if self.device_type == "cpu":   # the prepacked copy is the only copy; not a tensor with storage
             self.register_buffer("weight_packed", torch.ops.onednn.qlinear_prepack(w8, None),
                                  persistent=False)
         else:
@@ -278,19 +333,19 @@ class W8A8(_KernelLinear):
 
     def int8_weight(self) -> torch.Tensor:
         """The (N, K) int8 weight as a plain tensor."""
-        if self.impl == "cpu":
+        if self.device_type == "cpu":
             return self.weight_packed.to_dense().t().contiguous()
         return self.weight_int8
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.impl == "cpu":
+        if self.device_type == "cpu":
             destination[prefix + "weight_int8"] = self.int8_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         key = prefix + "weight_int8"
-        if self.impl == "cpu" and key in state_dict:
+        if self.device_type == "cpu" and key in state_dict:
             self._set_weight(state_dict[key].to(torch.int8).contiguous())
             state_dict = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -298,7 +353,7 @@ class W8A8(_KernelLinear):
 
     def __deepcopy__(self, memo):
         """oneDNN's opaque prepacked tensor cannot be deep-copied: copy via plain int8."""
-        if self.impl != "cpu":
+        if self.device_type != "cpu":
             new = self.__class__.__new__(self.__class__)
             memo[id(self)] = new
             new.__dict__.update(copy.deepcopy(self.__dict__, memo))
@@ -318,11 +373,11 @@ class W8A8(_KernelLinear):
         n, k = self.shape2d
         x2 = x.reshape(-1, k)                                                     # (M, K)
         sw = self.scales.reshape(-1).float()                                      # (N,)
-        if self.impl == "cpu":
-            xu, sx = quantize_act_u8(x2)                                          # uint8 (M, K), (M, 1)
+        if self.device_type == "cpu":
+            xu, sx = quantize_act_u8(x2, self.act_qmax)                           # uint8 (M, K), (M, 1)
             y = torch.ops.onednn.qlinear_pointwise(
-                xu, 1.0, 128, self.weight_packed, sw, torch.zeros(1, dtype=torch.int64), None,
-                1.0, 0, torch.float32, "none", [], "")                            # (M, N) fp32
+                xu, 1.0, self.act_qmax + 1, self.weight_packed, sw, torch.zeros(1, dtype=torch.int64),
+                None, 1.0, 0, torch.float32, "none", [], "")                      # (M, N) fp32
         else:
             xq, sx = quantize_act(x2, 8)                                          # int8 (M, K), (M, 1)
             m = xq.shape[0]
