@@ -22,7 +22,9 @@ byte count is known before the search. Each layer gets its own s (no sharing acr
 worse on calibration data than a shared s. A packed module computes ``kernel(x / s)`` with
 ``dequantize(q, apply_in_scale=False)``; ``dequantize(q)`` is the effective weight W_q·diag(s)⁻¹.
 
-Guarantee: α = 0 is in the grid and evaluates exactly to RTN (s = 1 exactly), and the search keeps
+``awq_gptq`` (below) keeps AWQ's s and rounds W·diag(s) with GPTQ instead of RTN.
+
+Guarantee (``awq``): α = 0 is in the grid and evaluates exactly to RTN (s = 1 exactly), and the search keeps
 the first minimum, so on calibration statistics the output error is never above RTN's.
 
 Example:
@@ -32,12 +34,15 @@ Example:
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .clip import clip_ratios, search_clip
+from .gptq import check_gptq_options, gptq_quantize
 from .quantizer import _finish, _grouped, _rtn_grouped, decode, register
 
-__all__ = ["awq_scales", "ALPHAS"]
+__all__ = ["awq_scales", "ALPHAS"]          # methods: "awq", "awq_gptq"
 
 ALPHAS = tuple(i / 20 for i in range(20))     # AWQ's grid: 0, 0.05, ..., 0.95
 _FP16_TINY = 2.0 ** -14
@@ -58,6 +63,14 @@ def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     return s.clamp(min=_FP16_TINY, max=6.0e4).to(torch.float16)
 
 
+def _check_alphas(alphas) -> list:
+    alphas = list(alphas)
+    if not alphas or any(not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 <= a <= 1
+                         for a in alphas):
+        raise ValueError(f"alphas={alphas!r} must be a non-empty list of numbers in [0, 1]")
+    return alphas
+
+
 def _dequant(codes, scale, zero, bits, k):
     """(N, G, g) codes -> (N, K) fp32 weight of the grid (no in_scale)."""
     w = decode(codes, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), bits)
@@ -68,27 +81,31 @@ def _out_err(dw: torch.Tensor, h: torch.Tensor) -> float:
     return float(((dw @ h) * dw).sum())
 
 
-@register("awq", needs_stats=True, stores_in_scale=True)
-def awq(w: torch.Tensor, bits: int, group_size, symmetric: bool, stats, *,
-        alphas=ALPHAS, clip: bool = True):
-    """AWQ scale search (+ output-error clip search when ``clip``); stores ``in_scale``."""
-    alphas = list(alphas)
-    if not alphas or any(not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 <= a <= 1
-                         for a in alphas):
-        raise ValueError(f"alphas={alphas!r} must be a non-empty list of numbers in [0, 1]")
-    if not isinstance(clip, bool):
-        raise TypeError(f"clip={clip!r} must be a bool")
-    n, k = w.shape
-    h = stats.xtx / stats.n_tokens                                        # (K, K) E[x xᵀ]
+def _search_alpha(w, bits, group_size, symmetric, h, mean_abs, alphas):
+    """(error, s fp16 (K,), codes, scale, zero) of the α whose RTN of W·diag(s) has the least
+    output error ``tr(ΔW·h·ΔWᵀ)``; the first minimum wins (α = 0 first: ties keep RTN)."""
+    k = w.shape[1]
     best = None
     for a in alphas:
-        s = awq_scales(stats.mean_abs, float(a))                          # (K,) fp16
+        s = awq_scales(mean_abs, float(a))                                # (K,) fp16
         sf = s.float()
         codes, scale, zero = _rtn_grouped(_grouped(w * sf, group_size), bits, symmetric)
         err = _out_err(_dequant(codes, scale, zero, bits, k) / sf - w, h)
         if best is None or err < best[0]:
             best = (err, s, codes, scale, zero)
-    err, s, codes, scale, zero = best
+    return best
+
+
+@register("awq", needs_stats=True, stores_in_scale=True)
+def awq(w: torch.Tensor, bits: int, group_size, symmetric: bool, stats, *,
+        alphas=ALPHAS, clip: bool = True):
+    """AWQ scale search (+ output-error clip search when ``clip``); stores ``in_scale``."""
+    alphas = _check_alphas(alphas)
+    if not isinstance(clip, bool):
+        raise TypeError(f"clip={clip!r} must be a bool")
+    n, k = w.shape
+    h = stats.xtx / stats.n_tokens                                        # (K, K) E[x xᵀ]
+    err, s, codes, scale, zero = _search_alpha(w, bits, group_size, symmetric, h, stats.mean_abs, alphas)
     if clip:
         sf = s.float()
         hs = h / (sf.unsqueeze(1) * sf.unsqueeze(0))                      # second moment of x / s
@@ -96,3 +113,24 @@ def awq(w: torch.Tensor, bits: int, group_size, symmetric: bool, stats, *,
         if _out_err(_dequant(c2, sc2, z2, bits, k) / sf - w, h) <= err:
             codes, scale, zero = c2, sc2, z2
     return _finish(codes, scale, zero, bits, group_size, (n, k), in_scale=s)
+
+
+@register("awq_gptq", needs_stats=True, stores_in_scale=True)
+def awq_gptq(w: torch.Tensor, bits: int, group_size, symmetric: bool, stats, *, alphas=ALPHAS,
+             damp: float = 0.01, act_order: bool = True, clip: bool = True):
+    """AWQ's s (α searched with RTN), then GPTQ (``kernels/gptq.py``) on W·diag(s) with the Hessian
+    of the scaled input x / s, i.e. diag(s)⁻¹·H·diag(s)⁻¹. Stores ``in_scale`` like ``awq``.
+
+    AWQ §5 reports the two as orthogonal (AWQ + GPTQ better than either); here it is the best of the
+    methods on MiniLM's held-out sentences (benchmarks/quantizer_methods.py), by a small margin over
+    ``gptq``. No RTN guarantee: GPTQ's greedy
+    rounding is not checked against RTN.
+    """
+    _check_alphas(alphas)
+    check_gptq_options(damp, 128, act_order, clip)
+    h = stats.xtx / stats.n_tokens
+    _, s, *_ = _search_alpha(w, bits, group_size, symmetric, h, stats.mean_abs, list(alphas))
+    sf = s.float()
+    hs = stats.hessian / (sf.unsqueeze(1) * sf.unsqueeze(0))              # (K, K) Hessian of x / s
+    q = gptq_quantize(w * sf, hs, bits, group_size, symmetric, float(damp), 128, act_order, clip)
+    return replace(q, in_scale=s)
