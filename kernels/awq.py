@@ -24,8 +24,8 @@ worse on calibration data than a shared s. A packed module computes ``kernel(x /
 
 ``awq_gptq`` (below) keeps AWQ's s and rounds W·diag(s) with GPTQ instead of RTN.
 
-Guarantee (``awq``): α = 0 is in the grid and evaluates exactly to RTN (s = 1 exactly), and the search keeps
-the first minimum, so on calibration statistics the output error is never above RTN's.
+Guarantee (``awq``): α = 0 is in the grid and evaluates exactly to RTN (s = 1 exactly), and the
+search keeps the first minimum, so on calibration statistics the output error is never above RTN's.
 
 Example:
     >>> q = quantize(w, 4, 128, method="awq", stats=stats)
