@@ -86,7 +86,7 @@ def main(argv=None):
 
     import torch
     torch.set_num_threads(1)
-    from bitplan.graph import find_layers, layer_weight_2d
+    from bitplan.core.graph import find_layers, layer_weight_2d
     from bitplan.kernels.calibstats import gather_stats
     from bitplan.kernels.quantizer import fake_quantize, quantize, dequantize
     from bitplan.models import embed, load_model

@@ -64,19 +64,31 @@ def check_plan(model: nn.Module, plan: Plan) -> dict:
     return layers
 
 
-def apply_plan_(model: nn.Module, plan: Plan, mode: str = "fake") -> nn.Module:
+def apply_plan_(model: nn.Module, plan: Plan, mode: str = "fake", calib_data=None, loss_fn=None) -> nn.Module:
     """Quantize ``model`` in place as ``plan`` says; returns the model.
 
     ``mode="fake"`` writes dequantized weights into the same modules; ``mode="packed"`` swaps in
     packed modules on real kernels (outputs match fake quantization within each kernel's SQNR
     floor; ``lowbit_unpack``, ``dequant`` and exact integer W8A8 paths match up to fp32 summation
-    order). The model's bytes after packed apply equal ``plan.predicted["size_bytes"]``.
+    order). The model's bytes after packed apply equal ``plan.predicted["size_bytes"]``. Plans with
+    calibrated methods (AWQ, GPTQ) need ``calib_data`` (the batches the plan was made with give the
+    same result; ``loss_fn`` runs a batch when the batches are not plain model inputs).
 
     Example: ``bitplan.apply_plan_(model, bitplan.Plan.load("plan.json"), mode="packed")``
     """
+    from .kernels.modules import needs_stats
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not supported; allowed: {list(MODES)}")
     check_plan(model, plan)
-    ran = quantize_modules_(model, dict(plan.layers), mode)
+    want = [n for n, s in plan.layers.items() if needs_stats(s)]
+    stats = None
+    if want:
+        if calib_data is None:
+            raise ValueError(f"{len(want)} layer(s) of the plan use calibrated methods "
+                             f"({sorted({plan.layers[n].method for n in want})}, e.g. {want[0]}): pass "
+                             "calib_data= (the plan's calibration batches)")
+        from .kernels.calibstats import gather_stats
+        stats = gather_stats(model, calib_data, names=want, forward=loss_fn if callable(loss_fn) else None)
+    ran = quantize_modules_(model, dict(plan.layers), mode, stats=stats)
     model.bitplan_plan = plan.with_kernels(ran)        # which kernel each module actually runs
     return model

@@ -70,7 +70,7 @@ def run_demo(max_probes: int = 32, out: str | None = None, model: str = "minilm"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for name, p in candidates:
-            packed = apply_plan_(copy.deepcopy(net), p, mode="packed")
+            packed = apply_plan_(copy.deepcopy(net), p, mode="packed", calib_data=spec.calib_data)
             rows.append((name, p.predicted["size_bytes"] / MB, model_nbytes(packed) / MB, metric(packed)))
     title = "all-MiniLM-L6-v2" if model == "minilm" else model
     fp_bytes = model_nbytes(net)

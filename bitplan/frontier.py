@@ -65,7 +65,9 @@ def sweep(model, calib_data, table, opts, graph, budgets_mb=None, points: int = 
     base_value = evaluate(model) if evaluate else None
 
     def measured(plan):
-        return evaluate(apply_plan_(copy.deepcopy(model), plan, mode="fake")) if evaluate else None
+        if not evaluate:
+            return None
+        return evaluate(apply_plan_(copy.deepcopy(model), plan, mode="fake", calib_data=batches, loss_fn=loss_fn))
 
     problem, _ = build_problem(graph, table, opts, base, budget_mb=hi * 2)
     sols = frontier(problem, "size_bytes", [b * MB - base for b in budgets_mb], method=solver)

@@ -76,14 +76,15 @@ def _fsync_dir(path: str) -> None:
 
 
 def save_packed(model: nn.Module, plan: Plan, folder, model_spec: str | None = None,
-                source_dir: str | None = None, model_class: str | None = None) -> dict:
+                source_dir: str | None = None, model_class: str | None = None, calib_data=None) -> dict:
     """Write ``model`` packed by ``plan`` to ``folder``; returns the manifest.
 
     ``model`` may be the fp model (a packed copy is made; the argument is not modified) or a model
     already packed by ``apply_plan_(model, plan, mode="packed")``. ``model_spec`` is recorded for
     information (a built-in name like ``"minilm"`` also rebuilds the skeleton); ``source_dir`` (the
     model's Hugging Face folder) has its config and tokenizer files copied in so the folder rebuilds
-    by itself; ``model_class`` ("causal_lm" | "encoder") says how to rebuild it.
+    by itself; ``model_class`` ("causal_lm" | "encoder") says how to rebuild it; ``calib_data`` feeds
+    calibrated methods (AWQ, GPTQ) when the model still has to be packed.
 
     Example: ``save_packed(model, Plan.load("plan.json"), "model_dir", model_spec="minilm")``
     """
@@ -104,7 +105,8 @@ def save_packed(model: nn.Module, plan: Plan, folder, model_spec: str | None = N
             os.listdir(folder) and not os.path.isfile(os.path.join(folder, MANIFEST_FILE)))):
         raise ValueError(f"{folder} exists and is not a bitplan packed folder; refusing to overwrite it "
                          "(give a new or empty folder)")
-    packed = model if _is_packed(model) else apply_plan_(copy.deepcopy(model), plan, mode="packed")
+    packed = model if _is_packed(model) else apply_plan_(copy.deepcopy(model), plan, mode="packed",
+                                                         calib_data=calib_data)
     saved_plan = getattr(packed, "bitplan_plan", None) or plan
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batches import as_batches, run_model
+from ..core.batches import as_batches, run_model
 
 __all__ = ["LayerStats", "StatsCollector", "gather_stats", "layer_input_2d", "stats_supported"]
 
@@ -104,7 +104,7 @@ class LayerStats:
 
 
 def _layer_kind(module: nn.Module) -> str | None:
-    from ..graph import layer_kind                 # imported here: keeps this module light
+    from ..core.graph import layer_kind                 # imported here: keeps this module light
     return layer_kind(module)
 
 
@@ -113,6 +113,8 @@ def stats_supported(module: nn.Module) -> str | None:
     kind = _layer_kind(module)
     if kind is None:
         return f"{type(module).__name__} is not a quantizable layer (Linear, Conv1d/2d, HF Conv1D)"
+    if kind == "embedding":
+        return "an embedding table has no input activations (its input is token ids)"
     if kind in ("conv1d", "conv2d"):
         if module.groups != 1:
             return (f"grouped conv (groups={module.groups}): each group of output channels sees "
@@ -207,11 +209,12 @@ class StatsCollector:
         self._handles.clear()
 
 
-def gather_stats(model: nn.Module, calib_data, names=None, mask: str | None = "auto") -> dict:
+def gather_stats(model: nn.Module, calib_data, names=None, mask: str | None = "auto", forward=None) -> dict:
     """One forward pass over ``calib_data`` filling :class:`LayerStats` for each quantizable layer.
 
     ``names``: fqns to gather (default: every quantizable layer statistics support — grouped convs
-    are skipped; naming one raises). ``mask="auto"`` skips padding tokens of dict batches carrying an
+    are skipped; naming one raises). ``forward(model, batch)`` runs a batch (default: tensor ->
+    ``model(x)``, tuple -> ``model(*b)``, dict -> ``model(**b)``), e.g. the user's loss function. ``mask="auto"`` skips padding tokens of dict batches carrying an
     ``attention_mask``; ``mask=None`` counts every token. The model is not modified (hooks are removed,
     no parameter or buffer changes; run it in eval mode yourself if it has dropout/BN).
 
@@ -239,7 +242,7 @@ def gather_stats(model: nn.Module, calib_data, names=None, mask: str | None = "a
         for b in batches:
             am = b.get("attention_mask") if mask == "auto" and isinstance(b, Mapping) else None
             col.token_mask = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
-            run_model(model, b)
+            (forward or run_model)(model, b)
     not_run = [n for n in modules if n not in col.stats]
     if not_run:
         raise ValueError(f"layers never ran on the calibration batches: {not_run}")

@@ -30,14 +30,19 @@ from torch import nn
 from ..core.graph import find_layers, layer_weight_2d
 from .embedding import EmbeddingLookup, TiedHead
 from .formats import FP16_BITS, QuantSpec
-from .quantizer import fake_quantize, quantize
+from .quantizer import METHODS, dequantize, quantize
 from .registry import get_kernel, select_kernel
 
-__all__ = ["quantize_modules_", "fake_weight", "option_reason", "option_mask", "MODES", "METHODS"]
+__all__ = ["quantize_modules_", "fake_weight", "option_reason", "option_mask", "MODES", "METHODS",
+           "needs_stats", "InputScaled", "quantize_layer"]
 
 MODES = ("fake", "packed")
-METHODS = ("rtn",)            # rounding methods of the shared quantizer
+_CONVS = ("conv1d", "conv2d")
 
+
+def needs_stats(spec: QuantSpec) -> bool:
+    """Does ``spec``'s rounding method need the layer's calibration statistics (AWQ, GPTQ)?"""
+    return spec.bits != FP16_BITS and METHODS[spec.method].needs_stats
 
 def option_reason(spec: QuantSpec, layer) -> str | None:
     """Why ``layer`` (a ``LayerInfo``) cannot take ``spec``, or None when it can.
@@ -47,16 +52,22 @@ def option_reason(spec: QuantSpec, layer) -> str | None:
     kinds = getattr(layer, "kinds", (layer.kind,))
     k = layer.in_features
     if spec.method not in METHODS:
-        return f"method {spec.method!r} is not a quantizer method; known: {list(METHODS)}"
+        return f"method {spec.method!r} is not a quantizer method; known: {sorted(METHODS)}"
     if spec.bits == FP16_BITS:
         return None
+    m = METHODS[spec.method]
+    if m.stores_in_scale and spec.act_bits is not None:
+        return (f"method {spec.method!r} divides the input by per-channel scales, which would change "
+                "what the activation quantizer sees")
+    if m.stores_in_scale and any(kd in _CONVS for kd in kinds):
+        return f"method {spec.method!r} scales input channels of a matmul; a conv's K mixes kernel positions"
     g = spec.group_size
     if g is not None and g < k and k % g:
         return f"K={k} is not a multiple of group_size {g}"
     if "embedding" in kinds:
         if spec.act_bits is not None:
             return "an embedding lookup has no input activations to quantize"
-        if spec.method != "rtn":
+        if m.needs_stats:
             return f"method {spec.method!r} needs input activations; an embedding has none"
     return None
 
@@ -83,12 +94,38 @@ def option_mask(layers, specs) -> tuple[list[list[bool]], dict[tuple[int, int], 
     return allowed, why
 
 
-def fake_weight(module: nn.Module, kind: str, spec: QuantSpec) -> torch.Tensor:
+def quantize_layer(module: nn.Module, kind: str, spec: QuantSpec, stats=None):
+    """The layer's QTensor under ``spec`` (its method, with the layer's calibration ``stats`` when the
+    method needs them); None for the fp16 option."""
+    if spec.bits == FP16_BITS:
+        return None
+    return quantize(layer_weight_2d(module, kind).detach(), spec.bits, spec.group_size, spec.symmetric,
+                    spec.method, stats)
+
+
+def fake_weight(module: nn.Module, kind: str, spec: QuantSpec, stats=None) -> torch.Tensor:
     """``Q_spec(W)`` of a layer in the module's own weight layout (conv and HF Conv1D aware): what
-    fake apply writes and what the sensitivity estimators perturb a layer with."""
-    wq = fake_quantize(layer_weight_2d(module, kind).detach(), spec.bits, spec.group_size,
-                       spec.symmetric)                                                   # (N, K)
-    return wq.t().contiguous() if kind == "hf_conv1d" else wq.reshape(module.weight.shape)
+    fake apply writes and what the sensitivity estimators perturb a layer with. For AWQ-style
+    methods it is the effective weight ``Q(W·diag(s))·diag(s)⁻¹``."""
+    w = module.weight
+    if spec.bits == FP16_BITS:
+        return w.detach().to(torch.float16).to(w.dtype)
+    wq = dequantize(quantize_layer(module, kind, spec, stats), w.dtype)                 # (N, K)
+    return wq.t().contiguous() if kind == "hf_conv1d" else wq.reshape(w.shape)
+
+
+class InputScaled(nn.Module):
+    """A packed layer whose method stored per-input-channel scales (AWQ): runs ``inner(x / s)``;
+    ``inner`` holds the grid ``Q(W·diag(s))``. ``s`` is a buffer (K fp16 values, counted in the size)."""
+
+    def __init__(self, inner: nn.Module, in_scale: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.kernel = inner.kernel
+        self.register_buffer("in_scale", in_scale.detach().to(torch.float16).contiguous())    # (K,)
+
+    def forward(self, x):
+        return self.inner(x / self.in_scale.to(x.dtype))
 
 
 class ActFakeQuant:
@@ -109,12 +146,13 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_modules_(model: nn.Module, specs: dict, mode: str = "fake",
-                      prefer: dict[str, str] | None = None) -> dict[str, str]:
+                      prefer: dict[str, str] | None = None, stats: dict | None = None) -> dict[str, str]:
     """Quantize the layers named in ``specs`` (layer name -> QuantSpec) in place.
 
     Returns module fqn -> kernel that runs it (``"fake"`` in fake mode; tied modules listed under
     each of their names). ``prefer`` (module fqn -> kernel name) asks for specific kernels, e.g. the
-    ones a packed folder was saved with; they still fall back when they cannot run here.
+    ones a packed folder was saved with; they still fall back when they cannot run here. ``stats``
+    (layer name -> ``calibstats.LayerStats``) feeds the methods that need calibration statistics.
     Packed outputs match fake quantization within each kernel's SQNR floor, not bit for bit.
 
     Example: ``quantize_modules_(model, {"fc1": QuantSpec(4, 32)}, mode="packed")``
@@ -132,6 +170,11 @@ def quantize_modules_(model: nn.Module, specs: dict, mode: str = "fake",
         why = option_reason(spec, layers[name])
         if why is not None:
             raise ValueError(f"{name}: option {spec.label} is not possible: {why}")
+    lacking = [n for n, s in specs.items() if needs_stats(s) and (stats is None or n not in stats)]
+    if lacking:
+        raise ValueError(f"{len(lacking)} layer(s) use a method that needs calibration statistics but got "
+                         f"none, e.g. {lacking[:3]}: pass calibration data (apply_plan_(..., calib_data=...))")
+    stats = stats or {}
     ran: dict[str, str] = {}
     fallbacks: list[tuple[str, str]] = []
     for name, spec in specs.items():
@@ -139,7 +182,7 @@ def quantize_modules_(model: nn.Module, specs: dict, mode: str = "fake",
         mod = model.get_submodule(name)
         if mode == "fake":
             with torch.no_grad():
-                mod.weight.copy_(fake_weight(mod, info.kind, spec))      # shared tensor: once
+                mod.weight.copy_(fake_weight(mod, info.kind, spec, stats.get(name)))   # shared: once
             if spec.act_bits is not None:
                 for m in info.modules:
                     model.get_submodule(m).register_forward_pre_hook(ActFakeQuant(spec.act_bits))
@@ -154,7 +197,10 @@ def quantize_modules_(model: nn.Module, specs: dict, mode: str = "fake",
         if why is not None:
             fallbacks.append((why, f"{name} ({spec.label}, N={n}, K={k})"))
         with torch.no_grad():
-            new = get_kernel(kname).from_module(mod, info.kind, w2d, spec)
+            qt = quantize_layer(mod, info.kind, spec, stats.get(name))
+            new = get_kernel(kname).from_module(mod, info.kind, w2d, spec, qt=qt)
+            if qt is not None and qt.in_scale is not None:
+                new = InputScaled(new, qt.in_scale)
         new.train(mod.training)
         _set_module(model, name, new)
         ran[name] = new.kernel

@@ -60,8 +60,9 @@ class PackedLayer(nn.Module):
         self.dtype = qt.dtype
 
     @classmethod
-    def from_module(cls, module: nn.Module, kind: str, w2d: torch.Tensor, spec: QuantSpec):
-        qt = quantize(w2d, spec.bits, spec.group_size, spec.symmetric)
+    def from_module(cls, module: nn.Module, kind: str, w2d: torch.Tensor, spec: QuantSpec, qt=None):
+        """``qt``: the layer already quantized by its method (default: round to nearest here)."""
+        qt = qt if qt is not None else quantize(w2d, spec.bits, spec.group_size, spec.symmetric)
         return cls(qt, getattr(module, "bias", None), layer_geometry(module, kind), spec.act_bits)
 
     @classmethod
@@ -104,7 +105,7 @@ class FP16Layer(nn.Module):
         self.bits = FP16_BITS
 
     @classmethod
-    def from_module(cls, module: nn.Module, kind: str, w2d: torch.Tensor, spec: QuantSpec):
+    def from_module(cls, module: nn.Module, kind: str, w2d: torch.Tensor, spec: QuantSpec, qt=None):
         return cls(module, kind, w2d)
 
     @classmethod

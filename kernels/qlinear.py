@@ -135,11 +135,11 @@ class Int8WeightOnly(_KernelLinear):
         return n * k + n * 2 * (1 if spec.symmetric else 2)          # int8 + fp16 scale (+ zero)
 
     @classmethod
-    def from_module(cls, module, kind, w2d, spec):
+    def from_module(cls, module, kind, w2d, spec, qt=None):
         m = cls()
         m._setup(module, kind, w2d, spec)
         m.impl = "_weight_int8pack_mm"
-        qt = quantize(w2d, 8, spec.group_size, spec.symmetric)
+        qt = qt if qt is not None else quantize(w2d, 8, spec.group_size, spec.symmetric)
         m.register_buffer("weight_int8", (qt.codes.to(torch.int16) - 128).to(torch.int8))  # (N, K)
         m.register_buffer("scales", qt.scales.reshape(-1, 1).contiguous())                # (N, 1) fp16
         m.register_buffer("zeros", None if qt.zeros is None else qt.zeros.reshape(-1, 1).contiguous())
@@ -211,12 +211,12 @@ class Int4WeightOnly(_KernelLinear):
         return n * k // 2 + (k // g) * n * 2 * 2                   # int4 + bf16 (scale, zero) pairs
 
     @classmethod
-    def from_module(cls, module, kind, w2d, spec):
+    def from_module(cls, module, kind, w2d, spec, qt=None):
         m = cls()
         m._setup(module, kind, w2d, spec)
         n, k = m.shape2d
         m.group = _int4_group(spec, k)
-        qt = quantize(w2d, 4, spec.group_size, spec.symmetric)
+        qt = qt if qt is not None else quantize(w2d, 4, spec.group_size, spec.symmetric)
         zeros = qt.zeros if qt.zeros is not None else torch.zeros_like(qt.scales)
         sz = torch.stack([qt.scales, zeros], -1)                   # (N, G, 2)
         if spec.group_size is None:                                # per channel: repeat per kernel group
@@ -288,13 +288,13 @@ class W8A8(_KernelLinear):
         return n * k + n * 2                                         # int8 + fp16 scale
 
     @classmethod
-    def from_module(cls, module, kind, w2d, spec, impl: str | None = None):
+    def from_module(cls, module, kind, w2d, spec, qt=None, impl: str | None = None):
         """``impl=None``: this device's path. Forcing one (tests, benchmarks) is a ValueError when it
         cannot run here; a forced CPU impl may differ from what ``fake_quantize_act`` models."""
         m = cls()
         m._setup(module, kind, w2d, spec)
         m.impl, m.act_qmax = cls._choose_impl(m.device_type, impl)
-        qt = quantize(w2d, 8, spec.group_size, True)
+        qt = qt if qt is not None else quantize(w2d, 8, spec.group_size, True)
         w8 = (qt.codes.to(torch.int16) - 128).to(torch.int8).contiguous()                  # (N, K)
         m.register_buffer("scales", qt.scales.reshape(-1, 1).contiguous())                # (N, 1) fp16
         m._set_weight(w8)

@@ -124,7 +124,9 @@ def kernel_nbytes(spec: QuantSpec, n: int, k: int, device="cpu", kind: str = "li
 
     Example: ``kernel_nbytes(QuantSpec(4, 32), 1536, 384)`` == 1536*192 + 1536*12*4  (bf16 scale+zero)
     """
-    return get_kernel(kernel_for(spec, n, k, device, kind)).nbytes(spec, n, k)
+    from .quantizer import method_extra_nbytes
+    extra = 0 if spec.bits == FP16_BITS else method_extra_nbytes(spec.method, n, k)   # AWQ's input scales
+    return get_kernel(kernel_for(spec, n, k, device, kind)).nbytes(spec, n, k) + extra
 
 
 _fill()          # the kernel classes live in qlinear.py; importing it registers them

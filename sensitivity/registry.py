@@ -25,7 +25,7 @@ from ..core.batches import as_batches, run_model
 from ..core.graph import LayerGraph, layer_weight_2d
 from ..core.spec import QuantSpec, option_grid
 from ..kernels.actquant import fake_quantize_act
-from ..kernels.modules import fake_weight, option_mask
+from ..kernels.modules import fake_weight, needs_stats, option_mask
 from .losses import resolve_loss
 from .table import Sensitivity
 
@@ -60,9 +60,19 @@ class ScoreContext:
     extra: dict = field(default_factory=dict)
     allowed: np.ndarray | None = None         # (L, B) bool: options each layer can take
 
+    stats: dict | None = None                 # layer -> calibration statistics (AWQ / GPTQ options)
+
     def __post_init__(self):
         if self.allowed is None:
             self.allowed = np.asarray(option_mask(self.graph.layers, self.specs)[0], dtype=bool)
+        want = sorted({self.names[i] for i, j in zip(*np.nonzero(self.allowed)) if needs_stats(self.specs[j])})
+        if want and self.stats is None:
+            if not self.batches:
+                raise ValueError(f"options {sorted({s.label for s in self.specs if needs_stats(s)})} need "
+                                 "calibration data (their methods read the layers' input statistics)")
+            from ..kernels.calibstats import gather_stats
+            fwd = self.loss_fn if callable(self.loss_fn) and not hasattr(self.loss_fn, "output") else None
+            self.stats = gather_stats(self.model, self.batches, names=want, forward=fwd)
 
     @property
     def names(self) -> list[str]:
@@ -83,7 +93,7 @@ class ScoreContext:
         if not self.allowed[i, j]:
             return None
         name = self.names[i]
-        return fake_weight(self.module(name), self.layer(name).kind, self.specs[j])
+        return fake_weight(self.module(name), self.layer(name).kind, self.specs[j], (self.stats or {}).get(name))
 
     @contextlib.contextmanager
     def perturbed(self, i: int, j: int):
@@ -112,15 +122,24 @@ class ScoreContext:
                 p.copy_(saved)
 
     def delta_sq(self) -> np.ndarray:
-        """(L, B) ‖Q_b(W_l) − W_l‖² with the shared quantizer (0 where not allowed), plus for
-        ``act_bits`` options the weight-equivalent activation error (:meth:`act_delta_sq`)."""
+        """(L, B) ‖Q_b(W_l) − W_l‖² with the shared quantizer (0 where not allowed; input-aware where
+        the layer's calibration statistics were gathered, see below), plus for ``act_bits`` options
+        the weight-equivalent activation error (:meth:`act_delta_sq`)."""
         out = np.zeros((len(self.names), len(self.specs)))
         for i, n in enumerate(self.names):
             w = self.weight_2d(n).detach().float()
+            st = (self.stats or {}).get(n)
+            # with the layer's input statistics (gathered when calibrated methods are options), the
+            # weight error is input-aware: the output error tr(ΔW Σ ΔWᵀ) as the equivalent isotropic
+            # ‖ΔW‖² (× K / tr Σ) — equal to ‖ΔW‖² for isotropic inputs, and it credits AWQ / GPTQ,
+            # which trade a larger ‖ΔW‖ for a smaller output error
+            scale = st.k / max(float(st.xtx.diagonal().sum()) / max(st.n_tokens, 1), 1e-30) if st else None
             for j, s in enumerate(self.specs):
                 q = self.quantized(i, j)
-                if q is not None:
-                    out[i, j] = float((layer_weight_2d_of(q, self.layer(n).kind) - w).pow(2).sum())
+                if q is None:
+                    continue
+                dw = layer_weight_2d_of(q, self.layer(n).kind) - w
+                out[i, j] = st.output_error(dw) * scale if st is not None else float(dw.pow(2).sum())
         if any(s.act_bits is not None for s in self.specs):
             out += self.act_delta_sq()
         return out

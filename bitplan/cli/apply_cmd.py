@@ -26,7 +26,7 @@ def run(args) -> int:
     spec = load(args)
     kind = spec.kind if spec.kind in ("causal_lm", "encoder") else None
     manifest = save_packed(spec.model, plan, args.out, model_spec=args.model, source_dir=spec.source_dir,
-                           model_class=kind)
+                           model_class=kind, calib_data=spec.calib_data)
     how = ("" if manifest["skeleton"]["kind"] != "none" else
            f", '{args.model}'")   # a factory the folder cannot name
     print(f"wrote {args.out}: model.safetensors ({manifest['size_bytes'] / 1e6:.6f} MB of tensors), plan.json; "

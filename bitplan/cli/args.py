@@ -172,7 +172,9 @@ def quant_args(p):
                    help="activation options: 'none' (floating point, default) and/or 8 (dynamic per-token "
                         "int8, W8A8)")
     p.add_argument("--quant-method", type=method_list, default=(DEFAULTS["quant_method"],), metavar="M,M,...",
-                   help="how the shared quantizer rounds, per option: rtn (round to nearest, default)")
+                   help="how the shared quantizer rounds, per option: rtn (round to nearest, default), "
+                        "clip (MSE-optimal clipping), awq (activation-aware scales, stored), gptq "
+                        "(error-compensating rounding), awq_gptq; several = more options per layer")
     p.add_argument("--asymmetric", action="store_true",
                    help="store an fp16 zero point per group as well as the scale (default symmetric)")
 

@@ -70,7 +70,7 @@ def run(args) -> int:
             warnings.simplefilter("ignore", RuntimeWarning)
         for label, p in cands:
             log.info("evaluating %s (%s) ...", label, args.mode)
-            m = apply_plan_(copy.deepcopy(spec.model), p, mode=args.mode)
+            m = apply_plan_(copy.deepcopy(spec.model), p, mode=args.mode, calib_data=spec.calib_data)
             rows.append((label, p.predicted.get("size_bytes"), metric(m)))
     print(f"{'model':<14} {'size MB':>12} {name + f' ({better} is better)':>34}")
     for label, size, v in rows:

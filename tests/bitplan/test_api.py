@@ -260,3 +260,34 @@ def test_allocate_under_latency_budget():
         bitplan.allocate(m, max_latency_ms=budget, latency_fixed="nope", **kw)
     with pytest.raises(ValueError, match="needs latency_profile"):
         bitplan.allocate(m, max_latency_ms=budget, calib_data=[x])
+
+
+def test_quantizer_methods_are_options_scored_with_the_method_applied(digits_mlp):
+    """rtn / gptq / awq per layer: each option scored with the method that will run (GPTQ's options
+    come out cheaper), AWQ's stored input scales counted to the byte, fake == packed."""
+    model, Xtr, *_ = digits_mlp
+    calib = [Xtr[:256], Xtr[256:512]]
+    from bitplan.sensitivity import score
+    t = score(model, calib, bits=(2, 3), group_size=None, quant_method=("rtn", "gptq", "awq"),
+              max_probes=8)
+    lab = [o.label for o in t.options]
+    for b in (2, 3):
+        rtn, gptq, awq = (t.loss[:, lab.index(f"w{b}" + s)] for s in ("", "-gptq", "-awq"))
+        assert gptq.sum() < rtn.sum() and awq.sum() <= rtn.sum() * 1.0001
+    budget = (sizes(model, 3) + sizes(model, 4)) / 2
+    plan = bitplan.allocate(model, budget_mb=budget, calib_data=calib, bits=(2, 3, 4), group_size=None,
+                            quant_method=("rtn", "gptq", "awq"),
+                            sensitivity_opts={"max_probes": 8})
+    assert {s.method for s in plan.layers.values()} - {"rtn"}, plan.layers      # calibrated methods chosen
+    with pytest.raises(ValueError, match="calib_data"):
+        bitplan.apply_plan_(copy.deepcopy(model), plan, mode="packed")
+    packed = bitplan.apply_plan_(copy.deepcopy(model), plan, mode="packed", calib_data=calib)
+    assert model_nbytes(packed) == plan.predicted["size_bytes"] <= budget * MB
+    fake = bitplan.apply_plan_(copy.deepcopy(model), plan, mode="fake", calib_data=calib)
+    with torch.no_grad():
+        yp, yf = packed(Xtr[:64]), fake(Xtr[:64])
+    assert 20 * torch.log10(yf.norm() / (yp - yf).norm()) > 25
+    awq = QuantSpec(3, None, True, None, "awq")
+    p = uniform_plan(LayerGraph.build(model), awq, base_nbytes(model, LayerGraph.build(model).names))
+    packed = bitplan.apply_plan_(copy.deepcopy(model), p, mode="packed", calib_data=calib)
+    assert model_nbytes(packed) == p.predicted["size_bytes"]                  # + 2 K bytes of input scales

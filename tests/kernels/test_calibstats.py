@@ -141,7 +141,7 @@ def test_bad_inputs_named():
         gather_stats(model, batches(), names=["nope"])
     with pytest.raises(ValueError, match="mask"):
         gather_stats(model, batches(), mask="yes")
-    with pytest.raises(ValueError, match="not a quantizable layer"):
+    with pytest.raises(ValueError, match="no input activations"):
         gather_stats(model, batches(), names=["emb"])
     model.extra = nn.Linear(4, 4)                                       # never called by forward
     with pytest.raises(ValueError, match=r"never ran.*\['extra'\]"):
