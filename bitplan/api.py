@@ -175,4 +175,5 @@ def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=
         meta={"bitplan_version": __version__, "torch_version": torch.__version__,
               "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "base_bytes": base, "tie": tie, "seed": seed,
-              "layer_shapes": {l.name: list(l.weight_shape) for l in graph.layers}})
+              "layer_shapes": {l.name: list(l.weight_shape) for l in graph.layers},
+              "layer_kinds": {l.name: l.kind for l in graph.layers}})

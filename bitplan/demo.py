@@ -25,7 +25,8 @@ def uniform_plan(graph, bits: int, group_size=None, symmetric=True, base_bytes: 
     size = base_bytes + sum(spec.nbytes(l.out_features, l.in_features) for l in graph.layers)
     return Plan(graph.fingerprint, {l.name: spec for l in graph.layers}, {"size_bytes": float(size)},
                 {}, {"name": "uniform"}, {"name": "uniform"},
-                {"layer_shapes": {l.name: list(l.weight_shape) for l in graph.layers}})
+                {"layer_shapes": {l.name: list(l.weight_shape) for l in graph.layers},
+                 "layer_kinds": {l.name: l.kind for l in graph.layers}})
 
 
 @torch.no_grad()

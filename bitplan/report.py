@@ -10,7 +10,34 @@ from collections import Counter
 
 import numpy as np
 
-__all__ = ["format_plan", "format_sensitivity", "layer_rows", "depth_order"]
+__all__ = ["format_plan", "format_sensitivity", "layer_rows", "depth_order", "layer_nk", "layer_kinds"]
+
+# How each layer kind stores its weight, and the (N out, K in) matrix bitplan quantizes (graph.py):
+# Linear / Embedding / lm_head (N, K); Conv (N, C_in/groups, *kernel) -> (N, prod(rest));
+# transformers' Conv1D (GPT-2) stores (K, N): its 2-D view is the transpose.
+_TRANSPOSED = ("hf_conv1d",)
+
+
+def layer_nk(shape, kind: str | None = None) -> tuple[int, int]:
+    """(N out, K in) of a weight stored as ``shape`` by a layer of ``kind`` (None = Linear layout).
+
+    Example: ``layer_nk([64, 256], "hf_conv1d")`` == (256, 64)
+    """
+    shape = [int(x) for x in shape]
+    if len(shape) < 2:
+        raise ValueError(f"weight shape {shape} has fewer than 2 dimensions")
+    if kind in _TRANSPOSED:
+        if len(shape) != 2:
+            raise ValueError(f"{kind} weight must be 2-D, got shape {shape}")
+        return shape[1], shape[0]
+    return shape[0], int(np.prod(shape[1:]))
+
+
+def layer_kinds(plan) -> dict[str, str] | None:
+    """{layer: kind} recorded by the plan (``meta["layer_kinds"]``), or None for plans made before
+    kinds were recorded (their 2-D weights are then read in Linear layout)."""
+    kinds = plan.meta.get("layer_kinds")
+    return dict(kinds) if isinstance(kinds, dict) else None
 
 
 def _natural(name: str):
@@ -30,22 +57,26 @@ def depth_order(names) -> tuple[list[str], bool]:
     return names, True
 
 
-def layer_rows(plan) -> list[dict]:
-    """One dict per layer: name, shape, params, bits, group_size, symmetric, act_bits, kernel, bytes.
+def layer_rows(plan, device: str = "cpu") -> list[dict]:
+    """One dict per layer: name, kind, nk (N out, K in), shape (as stored), params, bits, group_size,
+    symmetric, act_bits, kernel, bytes.
 
-    ``bytes`` is the layer's packed weight (codes + fp16 scales/zeros) for a weight seen as
-    (shape[0], prod(shape[1:])) — Linear / Conv layout; None when the plan records no shape.
+    ``bytes`` comes from the size model the plan was solved with (``QuantSpec.nbytes(N, K, device,
+    kind)``: the storage of the kernel packed apply picks on ``device``, or of ``spec.kernel`` when
+    apply recorded it), so the rows plus ``meta["base_bytes"]`` add up to ``predicted["size_bytes"]``.
+    None when the plan records no shape.
     """
     shapes = plan.meta.get("layer_shapes", {})
+    kinds = layer_kinds(plan) or {}
     rows = []
     for name in depth_order(plan.layers)[0]:
         s = plan.layers[name]
-        shape = shapes.get(name)
-        n = int(np.prod(shape)) if shape else None
-        nbytes = s.nbytes(shape[0], n // shape[0]) if shape else None
-        rows.append({"name": name, "shape": tuple(shape) if shape else None, "params": n, "bits": s.bits,
-                     "group_size": s.group_size, "symmetric": s.symmetric, "act_bits": s.act_bits,
-                     "kernel": s.kernel, "bytes": nbytes})
+        shape, kind = shapes.get(name), kinds.get(name)
+        nk = layer_nk(shape, kind) if shape else None
+        nbytes = s.nbytes(nk[0], nk[1], device, kind or "linear") if nk else None
+        rows.append({"name": name, "kind": kind, "nk": nk, "shape": tuple(shape) if shape else None,
+                     "params": nk[0] * nk[1] if nk else None, "bits": s.bits, "group_size": s.group_size,
+                     "symmetric": s.symmetric, "act_bits": s.act_bits, "kernel": s.kernel, "bytes": nbytes})
     return rows
 
 
@@ -53,11 +84,11 @@ def format_plan(plan) -> str:
     """Per-layer table then totals (params-weighted average bits, histogram, sizes, budgets, solver)."""
     rows = layer_rows(plan)
     w = max([len("layer")] + [len(r["name"]) for r in rows])
-    head = f"{'layer':<{w}}  {'shape':>14}  {'params':>10}  {'bits':>4}  {'group':>6}  {'sym':>3}  {'act':>4}  {'kernel':>13}  {'bytes':>10}"
+    head = f"{'layer':<{w}}  {'kind':>9}  {'out x in':>14}  {'params':>10}  {'bits':>4}  {'group':>6}  {'sym':>3}  {'act':>4}  {'kernel':>13}  {'bytes':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        shape = "x".join(map(str, r["shape"])) if r["shape"] else "?"
-        lines.append(f"{r['name']:<{w}}  {shape:>14}  {r['params'] if r['params'] is not None else '?':>10}  "
+        shape = "x".join(map(str, r["nk"])) if r["nk"] else "?"
+        lines.append(f"{r['name']:<{w}}  {r['kind'] or '?':>9}  {shape:>14}  {r['params'] if r['params'] is not None else '?':>10}  "
                      f"{r['bits']:>4}  {r['group_size'] or 'chan':>6}  {'y' if r['symmetric'] else 'n':>3}  "
                      f"{r['act_bits'] or '-':>4}  {r['kernel'] or '-':>13}  "
                      f"{r['bytes'] if r['bytes'] is not None else '?':>10}")
@@ -76,8 +107,19 @@ def format_plan(plan) -> str:
         lines.append(f"predicted {k}: {v / 1e6 if k == 'size_bytes' else v:.6g}{unit}"
                      + (f"   (budget {plan.budgets[k] / 1e6 if k == 'size_bytes' else plan.budgets[k]:.6g}{unit})"
                         if k in plan.budgets else ""))
-    if plan.meta.get("base_bytes") is not None:
-        lines.append(f"not quantized (biases, embeddings, norms): {plan.meta['base_bytes'] / 1e6:.6f} MB")
+    base = plan.meta.get("base_bytes")
+    if base is not None:
+        lines.append(f"not quantized (biases, embeddings, norms): {base / 1e6:.6f} MB")
+        if len(known) == len(rows) and "size_bytes" in plan.predicted:
+            total = base + sum(r["bytes"] for r in rows)
+            pred = plan.predicted["size_bytes"]
+            lines.append(f"layer bytes + not quantized = {total:,} B" + (
+                "  (= predicted size)" if total == pred else
+                f"  (predicted {pred:,.0f} B: differs by {total - pred:+,.0f} B; the plan was sized on "
+                "another device or torch build, or its layer kinds are not recorded)"))
+    if layer_kinds(plan) is None:
+        lines.append("layer kinds not recorded in this plan: 2-D weights read as (out, in); a GPT-2 "
+                     "(Conv1D, stored in x out) plan shows transposed shapes and bytes")
     est, sol = plan.estimator, plan.solver
     if est:
         lines.append(f"sensitivity: {est.get('name')}  probes={est.get('probes')}  loss: {est.get('loss') or '-'}")

@@ -215,7 +215,8 @@ def sweep(model, calib_data, budgets_mb=None, points: int = 8, bits=(2, 3, 4, 8)
             plan = Plan(graph.fingerprint, {nm: specs[c] for nm, c in zip(graph.names, sol.choice)},
                         {"size_bytes": float(base + sol.totals["size_bytes"])}, {"size_bytes": float(b) * MB},
                         {"name": table.method}, {"name": sol.method, "status": sol.status},
-                        {"layer_shapes": shapes, "base_bytes": base})
+                        {"layer_shapes": shapes, "base_bytes": base,
+                         "layer_kinds": {l.name: l.kind for l in graph.layers}})
             out_points.append({
                 "budget_mb": float(b), "size_mb": plan.predicted["size_bytes"] / MB,
                 "predicted_loss": float(table.loss[row, sol.choice].sum()), "measured_loss": measured(plan),

@@ -1,0 +1,43 @@
+"""Tiny randomly initialised Hugging Face causal LMs for the export tests (random weights: they
+test names, shapes, types and round trips, never quality).
+
+``llama`` (Linear, GQA, untied lm_head), ``qwen2`` (Linear with q/k/v biases, tied embeddings),
+``gpt2`` (transformers ``Conv1D`` layers, weights stored (in, out); tied lm_head).
+"""
+from __future__ import annotations
+
+import torch
+
+ARCHS = ("llama", "qwen2", "gpt2")
+
+
+def tiny_config(arch: str):
+    """A small config of ``arch``: hidden 64, 2 layers, vocab 256 (row lengths divisible by 32 and 64
+    so every GGUF block type fits; the MLP is 256 wide so K-quants (256 blocks) fit ffn_down)."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    if arch == "llama":
+        return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    raise ValueError(f"arch={arch!r}; allowed: {ARCHS}")
+
+
+def tiny_causal_lm(arch: str, seed: int = 0):
+    """(model in eval mode, calibration batches: a list of one (2, 16) input_ids tensor)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))
+    return model, [ids]
+
+
+def logits_loss(model, batch):
+    """Label-free stand-in loss for allocate on a causal LM (mean square of the logits)."""
+    return model(batch).logits.float().pow(2).mean()
