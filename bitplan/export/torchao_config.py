@@ -2,8 +2,9 @@
 
 torchao (``--to torchao``): one ``IntxWeightOnlyConfig`` per layer (weight dtype ``torch.int{bits}``,
 ``PerGroup(group_size)`` or ``PerAxis(0)`` per output channel, SYMMETRIC / ASYMMETRIC mapping), or
-``Int8DynamicActivationIntxWeightConfig`` for W8A8 layers (``act_bits=8``: symmetric per-token
-int8 activations, as bitplan's kernels do). Keys are weight parameter FQNs
+``Int8DynamicActivationIntxWeightConfig`` for W8A8 layers (``act_bits=8``: per-token int8
+activations; torchao 0.18 implements only ASYMMETRIC ones — it asserts so — where bitplan's kernels
+use symmetric: the same 8 bits plus a zero point, never less accurate). Keys are weight parameter FQNs
 (``"model.layers.0.self_attn.q_proj.weight"``), or module FQNs when the installed torchao is older
 than 0.17 (``key_style``). The file is what torchao's ``config_to_dict(FqnToConfig(...))`` writes, so
 ``quantize_(model, config_from_dict(json.load(f)), filter_fn=None)`` applies the same bits. When
@@ -15,7 +16,8 @@ what ``transformers.TorchAoConfig.to_dict()`` produces. Quantize an fp checkpoin
 ``AutoModelForCausalLM.from_pretrained(folder, quantization_config=TorchAoConfig.from_dict(d))``.
 Do not paste it into an fp checkpoint's ``config.json`` (transformers then takes the checkpoint for
 an already-quantized one). fp16 layers go to ``modules_to_not_convert``; a planned embedding or
-``lm_head`` sets ``include_input_output_embeddings`` (and ``untie_embedding_weights`` when tied).
+``lm_head`` sets ``include_input_output_embeddings``; a tied pair keeps its tie (both names listed,
+one quantized tensor shared, tested with transformers 5.24).
 
 What torchao 0.18 can load exactly as planned (the rest stays fp, named in ONE warning):
     Linear, Embedding, lm_head     yes (groups along the row, as bitplan)
@@ -25,8 +27,9 @@ What torchao 0.18 can load exactly as planned (the rest stays fp, named in ONE w
     nn.Conv1d                      no: torchao's Intx configs take 2-D and 4-D weights only
     HF Conv1D (GPT-2)              no: the weight is stored (in, out), so torchao would group along
                                    the output axis, and Conv1D's forward (addmm) has no torchao kernel
-Tied weights (lm_head = embedding): both modules get the config; torchao quantizes each module's
-copy (two quantized tensors at the planned bits: bytes above the plan's).
+Tied weights (lm_head = embedding): both modules get the config. transformers' loader keeps one
+shared quantized tensor; a bare ``quantize_`` quantizes each module's copy (two tensors at the
+planned bits: bytes above the plan's).
 
 Example:
     >>> d = to_torchao_dict(Plan.load("plan.json")); json.dump(d, open("torchao.json", "w"))
@@ -141,7 +144,7 @@ def torchao_config(plan: Plan, strip_prefix: str = "", key_style: str | None = N
         if s.act_bits == 8:
             cfgs[name] = Int8DynamicActivationIntxWeightConfig(
                 weight_dtype=dtype, weight_granularity=gran, weight_mapping_type=mapping,
-                act_mapping_type=MappingType.SYMMETRIC)
+                act_mapping_type=MappingType.ASYMMETRIC)
         else:
             cfgs[name] = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=gran, mapping_type=mapping)
     return FqnToConfig(cfgs)
@@ -158,7 +161,7 @@ def _hand_layer(s) -> dict:
     if s.act_bits == 8:
         return {"_type": "Int8DynamicActivationIntxWeightConfig", "_version": 2, "_data": {
             "weight_dtype": dtype, "weight_granularity": gran, "weight_mapping_type": mapping,
-            "weight_scale_dtype": None, "act_mapping_type": {"_type": "MappingType", "_data": "SYMMETRIC"},
+            "weight_scale_dtype": None, "act_mapping_type": {"_type": "MappingType", "_data": "ASYMMETRIC"},
             **common}}
     return {"_type": "IntxWeightOnlyConfig", "_version": 2, "_data": {
         "weight_dtype": dtype, "granularity": gran, "mapping_type": mapping, "scale_dtype": None, **common}}
@@ -206,4 +209,6 @@ def to_hf_quantization_config(plan: Plan, strip_prefix: str = "", use_torchao: b
             "quant_type": {"default": to_torchao_dict(plan, strip_prefix, use_torchao, "param", add_prefix,
                                                       skeleton)},
             "modules_to_not_convert": fp16 or None,
-            "include_input_output_embeddings": emb, "untie_embedding_weights": any(l.tied for l in quant)}
+            # tied: both names listed and kept tied -> transformers quantizes the shared tensor once (5.24 +
+            # torchao 0.18; untie_embedding_weights=True fails in its tie check: torchao has no aten.equal)
+            "include_input_output_embeddings": emb, "untie_embedding_weights": False}
