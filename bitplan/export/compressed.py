@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 
 from ..plan import Plan
-from .layers import export_layers, few
+from .layers import export_layers, few, warn_unknown_kinds
 
 __all__ = ["to_compressed_tensors_config", "ct_skip_reason", "VLLM_FUSED"]
 
@@ -85,6 +85,7 @@ def to_compressed_tensors_config(plan: Plan, strip_prefix: str = "", add_prefix:
 
     Example: ``json.dump(to_compressed_tensors_config(plan), open("qc.json", "w"))``
     """
+    warn_unknown_kinds(plan, skeleton)
     layers = export_layers(plan, strip_prefix, add_prefix, skeleton)
     targeted, ignored = {}, []
     for l in layers:

@@ -15,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -22,7 +23,9 @@ from ..kernels.formats import QuantSpec
 from ..plan import Plan
 from ..report import layer_kinds, layer_nk
 
-__all__ = ["ExportLayer", "export_layers", "load_skeleton", "rename", "few", "suggest_prefix"]
+__all__ = ["ExportLayer", "export_layers", "load_skeleton", "rename", "few", "suggest_prefix", "warn_unknown_kinds"]
+
+log = logging.getLogger("bitplan")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,13 @@ def few(names, k: int = 5) -> str:
     names = list(names)
     shown = ", ".join(names[:k]) + (", ..." if len(names) > k else "")
     return f"{len(names)} name{'s' if len(names) != 1 else ''}: {shown}"
+
+
+def warn_unknown_kinds(plan: Plan, skeleton) -> None:
+    """One warning when neither the plan nor a skeleton says which layers are GPT-2 Conv1D."""
+    if skeleton is None and not isinstance(plan.meta.get("layer_kinds"), dict):
+        log.warning("this plan does not record layer kinds: 2-D weights are taken as nn.Linear (a GPT-2 "
+                    "Conv1D plan would be exported wrongly); pass the model folder (--check DIR) to read them")
 
 
 def _module_kind(module) -> str | None:

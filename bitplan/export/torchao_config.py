@@ -41,7 +41,7 @@ import json
 import logging
 
 from ..plan import Plan
-from .layers import ExportLayer, export_layers, few
+from .layers import ExportLayer, export_layers, few, warn_unknown_kinds
 
 __all__ = ["to_torchao_dict", "torchao_config", "to_hf_quantization_config", "exportable_layers",
            "torchao_version", "default_key_style", "torchao_skip_reason", "KEY_STYLES"]
@@ -122,12 +122,6 @@ def _warn_skipped(skipped, what: str) -> None:
                 "; ".join(f"{w}: {few(ns)}" for w, ns in by.items()))
 
 
-def _unknown_kinds_note(plan: Plan, skeleton) -> None:
-    if skeleton is None and not isinstance(plan.meta.get("layer_kinds"), dict):
-        log.warning("this plan does not record layer kinds: 2-D weights are taken as nn.Linear (a GPT-2 "
-                    "Conv1D plan would be exported wrongly); pass the model folder (--check DIR) to read them")
-
-
 def torchao_config(plan: Plan, strip_prefix: str = "", key_style: str | None = None, add_prefix: str = "",
                    skeleton=None):
     """A torchao ``FqnToConfig`` for ``plan`` (needs torchao; see the module doc for the mapping)."""
@@ -180,7 +174,7 @@ def to_torchao_dict(plan: Plan, strip_prefix: str = "", use_torchao: bool | None
     Example: ``json.dump(to_torchao_dict(plan), open("torchao.json", "w"))``
     """
     key_style = key_style or default_key_style()
-    _unknown_kinds_note(plan, skeleton)
+    warn_unknown_kinds(plan, skeleton)
     layers, skipped = exportable_layers(plan, strip_prefix, key_style, add_prefix, skeleton)
     _warn_skipped(skipped, "torchao")
     if not layers:
