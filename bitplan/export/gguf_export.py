@@ -170,16 +170,18 @@ def write_gguf_file(plan, folder: str, out: str, skeleton, strip_prefix: str = "
     kinds = {n: type(m).__name__ for n, m in skeleton.named_modules()}
     heads, kv = _cfg(config, "num_attention_heads", "n_head"), _cfg(config, "num_key_value_heads")
     tmp = out + ".tmp"
-    w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+    w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch], use_temp_file=True)    # tensors spill to disk
     w.add_name(os.path.basename(os.path.abspath(folder)))
     _write_hparams(w, config, _n_blocks(config))
     w.add_file_type(gguf.LlamaFileType.GUESSED)          # a mixture: no single file type
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab = _write_vocab(w, folder, int(config.vocab_size))
+    out_emb, in_emb = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
     written, skipped = {}, []
     for name, x in _checkpoint(folder):
         g = nm.get_name(name, try_suffixes=(".weight", ".bias"))
-        if g is None or g in written:
+        if g is None or g in written or (tied and g == "output.weight"):   # tied: llama.cpp reads token_embd
             skipped.append(name)               # buffers the runtime recomputes (GPT-2 attn.bias masks, ...)
             continue
         module = name.rsplit(".", 1)[0]
