@@ -61,19 +61,20 @@ def layer_rows(plan, device: str = "cpu") -> list[dict]:
     """One dict per layer: name, kind, nk (N out, K in), shape (as stored), params, bits, group_size,
     symmetric, act_bits, kernel, bytes.
 
-    ``bytes`` comes from the size model the plan was solved with (``QuantSpec.nbytes(N, K, device,
-    kind)``: the storage of the kernel packed apply picks on ``device``, or of ``spec.kernel`` when
-    apply recorded it), so the rows plus ``meta["base_bytes"]`` add up to ``predicted["size_bytes"]``.
-    None when the plan records no shape.
+    ``bytes`` comes from the size model the plan was solved with: ``meta["layer_bytes"]`` when the
+    plan recorded it, else ``QuantSpec.nbytes(N, K, device, kind)`` (the storage of the kernel packed
+    apply picks on ``device``, or of ``spec.kernel`` when apply recorded it), so the rows plus
+    ``meta["base_bytes"]`` add up to ``predicted["size_bytes"]``. None when the plan records no shape.
     """
     shapes = plan.meta.get("layer_shapes", {})
     kinds = layer_kinds(plan) or {}
+    recorded = plan.meta.get("layer_bytes") if isinstance(plan.meta.get("layer_bytes"), dict) else {}
     rows = []
     for name in depth_order(plan.layers)[0]:
         s = plan.layers[name]
         shape, kind = shapes.get(name), kinds.get(name)
         nk = layer_nk(shape, kind) if shape else None
-        nbytes = s.nbytes(nk[0], nk[1], device, kind or "linear") if nk else None
+        nbytes = recorded.get(name, s.nbytes(nk[0], nk[1], device, kind or "linear") if nk else None)
         rows.append({"name": name, "kind": kind, "nk": nk, "shape": tuple(shape) if shape else None,
                      "params": nk[0] * nk[1] if nk else None, "bits": s.bits, "group_size": s.group_size,
                      "symmetric": s.symmetric, "act_bits": s.act_bits, "kernel": s.kernel, "bytes": nbytes})

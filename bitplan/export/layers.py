@@ -140,15 +140,19 @@ def suggest_prefix(plan_names, module_names) -> tuple[str, str] | None:
 def export_layers(plan: Plan, strip_prefix: str = "", add_prefix: str = "", skeleton=None) -> list[ExportLayer]:
     """Every layer of ``plan`` (fp16 ones too) renamed for the target; with ``skeleton`` (a module,
     e.g. from :func:`load_skeleton`) each name must be a module with a weight of the planned shape —
-    otherwise ``ValueError`` with the unmatched names. Kinds come from the skeleton, else the plan."""
+    otherwise ``ValueError`` with the unmatched names. Kinds and ties come from the skeleton, else from
+    the plan (``meta["layer_kinds"]``, ``meta["aliases"]``: tied modules sharing a layer's weight)."""
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a bitplan.Plan, got {type(plan).__name__}")
     for what, p in (("strip_prefix", strip_prefix), ("add_prefix", add_prefix)):
         if not isinstance(p, str):
             raise TypeError(f"{what} must be a str, got {type(p).__name__}")
     shapes, kinds = plan.meta.get("layer_shapes", {}), layer_kinds(plan) or {}
+    aliases = plan.meta.get("aliases") if isinstance(plan.meta.get("aliases"), dict) else {}   # tied modules
     out = [ExportLayer(n, rename(n, strip_prefix, add_prefix), s, kinds.get(n),
-                       tuple(shapes[n]) if n in shapes else None) for n, s in plan.layers.items()]
+                       tuple(shapes[n]) if n in shapes else None,
+                       tuple(rename(a, strip_prefix, add_prefix) for a in aliases.get(n, ())))
+           for n, s in plan.layers.items()]
     if skeleton is None:
         return out
     mods = _weights(skeleton)

@@ -202,3 +202,17 @@ def test_hf_from_pretrained_quantizes_each_linear_to_its_bits(tmp_path):
         {n: getattr(torch, f"int{b}") for n, b in bits.items()}
     with torch.no_grad():
         assert torch.isfinite(q(torch.tensor([[1, 2, 3]])).last_hidden_state).all()
+
+
+def test_tied_aliases_recorded_in_the_plan_are_exported_together():
+    """Without a skeleton, ``meta["aliases"]`` (tied modules sharing a layer's weight) gives the ties."""
+    from bitplan.export.compressed import to_compressed_tensors_config
+    layers = {"lm_head": QuantSpec(4, 32), "model.layers.0.mlp.up_proj": QuantSpec(4, 32)}
+    plan = Plan("f", layers, meta={"layer_shapes": {n: [64, 64] for n in layers},
+                                   "layer_kinds": {n: "linear" for n in layers},
+                                   "aliases": {"lm_head": ["model.embed_tokens"]}})
+    d = to_torchao_dict(plan, use_torchao=False)
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(d["_data"]["fqn_to_config"])
+    ct = to_compressed_tensors_config(plan)
+    assert {"lm_head", "model.embed_tokens"} <= set(ct["ignore"])
+    assert [g["targets"] for g in ct["config_groups"].values()] == [["model.layers.0.mlp.up_proj"]]

@@ -80,3 +80,13 @@ def test_linear_and_conv_rows_add_up():
     assert {r["kind"] for r in rows} >= {"conv2d", "linear"}
     assert sum(r["bytes"] for r in rows) + plan.meta["base_bytes"] == plan.predicted["size_bytes"]
     assert torch.is_tensor(batches[0])
+
+
+def test_recorded_layer_bytes_are_used(gpt2_plan):
+    """A plan that records ``meta["layer_bytes"]`` (made on another device) shows those bytes."""
+    _, plan = gpt2_plan
+    per = {r["name"]: r["bytes"] + 2 for r in layer_rows(plan)}
+    rec = Plan(plan.model_fingerprint, plan.layers, {"size_bytes": plan.predicted["size_bytes"] + 2 * len(per)},
+               plan.budgets, plan.estimator, plan.solver, {**plan.meta, "layer_bytes": per})
+    assert [r["bytes"] for r in layer_rows(rec)] == list(per.values())
+    assert "(= predicted size)" in format_plan(rec)
