@@ -61,10 +61,16 @@ def byte_bpe_tokenizer(folder) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
 
 
-def save_tiny(arch: str, folder, tokenizer: bool = True, seed: int = 0):
+def save_tiny(arch: str, folder, tokenizer: bool = True, seed: int = 0, sharp: bool = False):
     """Save the tiny ``arch`` model (safetensors) and, optionally, the BPE tokenizer to ``folder``;
-    returns (model, batches)."""
+    returns (model, batches). ``sharp``: query/key weights x20, so attention depends on positions
+    (at init scale it is near uniform, and a wrong q/k layout or rope would go unnoticed)."""
     model, batches = tiny_causal_lm(arch, seed)
+    if sharp:
+        with torch.no_grad():
+            for name, m in model.named_modules():
+                if name.endswith(("q_proj", "k_proj", "c_attn")):
+                    m.weight.mul_(20)
     model.save_pretrained(folder)
     if tokenizer:
         byte_bpe_tokenizer(folder)

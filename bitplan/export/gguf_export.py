@@ -63,10 +63,12 @@ def plan_gguf_types(plan, skeleton, strip_prefix: str = "", add_prefix: str = ""
     nm = gguf_name_map(skeleton.config)
     planned = _tensor_names(layers, nm)
     types = {}
+    out_emb, in_emb = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
     for n, m in skeleton.named_modules():
         w = getattr(m, "weight", None)
         g = nm.get_name(n + ".weight", try_suffixes=(".weight",)) if w is not None and w.dim() == 2 else None
-        if g is not None:
+        if g is not None and not (tied and g == "output.weight"):     # tied: the file has token_embd only
             types[g] = "F16"
     for g, l in planned.items():
         n, k = l.nk              # (out, in): the GGUF row is K long

@@ -9,7 +9,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
