@@ -18,6 +18,9 @@ format in :mod:`.gguf_types`). When ``out`` ends in ``.gguf`` also a model file,
   converter identifies the pre-tokenizer by hashing a test string: not reproduced here); other
   tokenizers or none: ``tokenizer.ggml.model = "none"`` (token ids in, logits out) and a warning.
 
+Checked with llama.cpp itself (tests/bitplan/test_export_gguf_llamacpp.py, when llama-cpp-python is
+installed): the files load, tokenize as HF does, and give the HF model's logits.
+
 Example:
     >>> export_gguf(plan, "model.gguf", "qwen2-folder", skeleton=load_skeleton("qwen2-folder"))
 """
