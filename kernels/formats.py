@@ -18,23 +18,16 @@ torch-free ``bitplan.core.spec``.
 from __future__ import annotations
 
 from ..core.spec import (ACT_BITS, ALLOWED_BITS, FP16_BITS, QuantSpec, check_bits,  # noqa: F401
-                         check_group_size)
-from .quantizer import n_groups, packed_row_bytes
+                         check_group_size, generic_nbytes)
 
 __all__ = ["FP16_BITS", "ALLOWED_BITS", "ACT_BITS", "QuantSpec", "weight_nbytes", "check_bits"]
-
-_SCALE_BYTES = 2                                   # fp16 scale / zero
-
 
 def weight_nbytes(n: int, k: int, bits: int, group_size: int | None = None,
                   symmetric: bool = True) -> int:
     """Exact bytes of one (n, k) weight stored at ``bits`` in the generic packed format above
-    (codes + fp16 scales/zeros). A kernel's own storage: ``kernels.registry.kernel_nbytes``.
+    (codes + fp16 scales/zeros); the arithmetic lives torch-free in ``core.spec.generic_nbytes``. A
+    kernel's own storage: ``kernels.registry.kernel_nbytes``.
 
     Example: ``weight_nbytes(1536, 384, 4, 128)`` == 1536*192 + 1536*3*2 == 304128
     """
-    check_bits(bits)
-    if bits == FP16_BITS:
-        return n * k * 2
-    per_group = _SCALE_BYTES * (1 if symmetric else 2)
-    return n * packed_row_bytes(k, bits) + n * n_groups(k, group_size) * per_group
+    return generic_nbytes(n, k, bits, group_size, symmetric)

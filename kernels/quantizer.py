@@ -58,6 +58,8 @@ from typing import Callable
 
 import torch
 
+from ..core.spec import n_groups, packed_row_bytes  # noqa: F401  (re-exported: the quantizer's layout)
+
 __all__ = ["QTensor", "quantize", "dequantize", "fake_quantize", "pack", "unpack", "n_groups",
            "packed_row_bytes", "SUPPORTED_BITS", "METHODS", "register", "get_method",
            "method_extra_nbytes", "in_scale_nbytes", "group_params", "encode", "decode"]
@@ -87,16 +89,6 @@ class QTensor:
 def _check_bits(bits: int) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits!r} is not supported; allowed: {list(SUPPORTED_BITS)}")
-
-
-def n_groups(k: int, group_size: int | None) -> int:
-    """Groups per row for a row of ``k`` weights."""
-    return 1 if group_size is None else -(-k // group_size)
-
-
-def packed_row_bytes(k: int, bits: int) -> int:
-    """Bytes one row of ``k`` codes occupies when packed LSB-first (``ceil(k*bits/8)``)."""
-    return -(-k * bits // 8)
 
 
 def in_scale_nbytes(k: int) -> int:

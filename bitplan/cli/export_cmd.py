@@ -7,14 +7,24 @@ __all__ = ["add", "run"]
 
 
 def add(sub, common):
-    ex = sub.add_parser("export", parents=[common], help="export a plan as torchao or HF quantization config",
-                        description="torchao: the FqnToConfig JSON (torchao's config_to_dict layout; load with "
-                                    "config_from_dict and quantize_). hf: a transformers TorchAoConfig "
-                                    "quantization_config with per-module overrides (load with "
-                                    "TorchAoConfig.from_dict and pass to from_pretrained).")
+    ex = sub.add_parser("export", parents=[common], help="export a plan to torchao / HF / llama.cpp (GGUF) / vLLM",
+                        description="torchao: the FqnToConfig JSON (load with config_from_dict and quantize_). "
+                                    "hf: a transformers TorchAoConfig quantization_config (TorchAoConfig.from_dict, "
+                                    "pass to from_pretrained). gguf: per-tensor types for llama-quantize "
+                                    "--tensor-type-file (OUT), plus a real .gguf file when OUT ends in .gguf "
+                                    "(needs --check DIR). compressed-tensors: the quantization_config vLLM and "
+                                    "llm-compressor read. Layers a target cannot load as planned are named in "
+                                    "one warning.")
     ex.add_argument("plan", type=A.existing_file, metavar="PLAN", help="plan JSON from `bitplan plan`")
-    ex.add_argument("--to", required=True, choices=["torchao", "hf"], help="target format")
-    ex.add_argument("--out", required=True, metavar="FILE", help="where to write the JSON")
+    ex.add_argument("--to", required=True, choices=["torchao", "hf", "gguf", "compressed-tensors"],
+                    help="target format")
+    ex.add_argument("--out", required=True, metavar="PATH", help="where to write (JSON; for gguf a .txt "
+                    "overrides file, or a .gguf model file + PATH.tensor-types.txt)")
+    ex.add_argument("--check", metavar="DIR", default=None,
+                    help="local Hugging Face folder the export is for: its config.json builds the model "
+                         "skeleton on the meta device (no weights read, no download, no remote code) and "
+                         "every exported name must resolve there, else the export refuses and names the "
+                         "unmatched layers; gguf needs it (and reads the fp weights from it for a .gguf)")
     ex.add_argument("--keys", choices=["param", "module"], default=None,
                     help="torchao only: key layers by weight parameter name ('fc1.weight', torchao >= 0.17) "
                          "or module name ('fc1', torchao 0.15/0.16); default param unless an older "
@@ -22,19 +32,18 @@ def add(sub, common):
     ex.add_argument("--strip-prefix", default="", metavar="PREFIX",
                     help="remove this prefix from layer names (e.g. 'encoder.' for the built-in minilm, "
                          "to match the bare Hugging Face model)")
+    ex.add_argument("--add-prefix", default="", metavar="PREFIX",
+                    help="then put this prefix in front of layer names (e.g. 'model.' to go from a bare "
+                         "decoder's names to AutoModelForCausalLM's)")
 
 
 def run(args) -> int:
-    from ..core.jsonio import atomic_write_json
-    from ..export import to_hf_quantization_config, to_torchao_dict, torchao_version
+    from ..export import export_plan
     from ..plan import Plan
-    plan = Plan.load(args.plan)
     if args.keys and args.to != "torchao":
         raise A.UsageError("--keys is only for --to torchao")
-    d = to_torchao_dict(plan, args.strip_prefix, key_style=args.keys) if args.to == "torchao" else \
-        to_hf_quantization_config(plan, args.strip_prefix)
-    atomic_write_json(args.out, d)
-    ver = torchao_version()
-    print(f"wrote {args.out} ({args.to}; " + (f"built with torchao {ver})" if ver else
-                                               "torchao not importable: torchao 0.18 layout written by hand)"))
+    if args.to == "gguf" and args.check is None:
+        raise A.UsageError("--to gguf needs --check DIR (the model folder: GGUF names depend on its architecture)")
+    print(export_plan(Plan.load(args.plan), args.to, args.out, strip_prefix=args.strip_prefix,
+                      add_prefix=args.add_prefix, check=args.check, key_style=args.keys))
     return 0

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 __all__ = ["QuantSpec", "FP16_BITS", "WEIGHT_BITS", "ALLOWED_BITS", "ACT_BITS", "MAX_GROUP",
            "DEFAULT_METHOD", "check_bits", "check_group_size", "check_act_bits", "check_method",
            "check_symmetric",
-           "option_grid", "as_tuple", "spec_from_dict", "SPEC_KEYS"]
+           "option_grid", "as_tuple", "spec_from_dict", "SPEC_KEYS", "n_groups", "packed_row_bytes",
+           "generic_nbytes"]
 
 FP16_BITS = 16                                   # the "leave it in fp16" option
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)              # integer weight codes
@@ -170,3 +171,25 @@ def option_grid(bits=(2, 3, 4, 8), group_size=None, act_bits=None, method=DEFAUL
         if spec not in out:
             out.append(spec)
     return tuple(out)
+
+
+def n_groups(k: int, group_size: int | None) -> int:
+    """Groups per row for a row of ``k`` weights (a group as large as the row is one group)."""
+    return 1 if group_size is None else -(-k // group_size)
+
+
+def packed_row_bytes(k: int, bits: int) -> int:
+    """Bytes one row of ``k`` codes occupies when packed LSB-first (``ceil(k*bits/8)``)."""
+    return -(-k * bits // 8)
+
+
+def generic_nbytes(n: int, k: int, bits: int, group_size: int | None = None, symmetric: bool = True) -> int:
+    """Exact bytes of an (n, k) weight in the generic packed format: codes packed per row + one fp16
+    scale (and one fp16 zero when asymmetric) per group; ``bits=16`` is the fp16 weight itself.
+
+    Example: ``generic_nbytes(1536, 384, 4, 128)`` == 1536*192 + 1536*3*2 == 304128
+    """
+    check_bits(bits)
+    if bits == FP16_BITS:
+        return n * k * 2
+    return n * packed_row_bytes(k, bits) + n * n_groups(k, group_size) * 2 * (1 if symmetric else 2)

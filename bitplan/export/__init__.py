@@ -40,11 +40,22 @@ def export_plan(plan, to: str, out, *, strip_prefix: str = "", add_prefix: str =
     """
     import json
 
-    from ..plan import atomic_write_text
+    from ..core.jsonio import atomic_write_text
     if to not in TARGETS:
         raise ValueError(f"to={to!r}; allowed: {list(TARGETS)}")
     if key_style is not None and to != "torchao":
         raise ValueError("key_style is only for the torchao target")
+    calibrated = sorted(n for n, sp in plan.layers.items() if sp.bits != 16 and sp.method != "rtn")
+    if calibrated:
+        import logging
+        import warnings
+        methods = sorted({plan.layers[n].method for n in calibrated})
+        warnings.warn(f"{len(calibrated)} layer(s) were planned with calibrated rounding ({', '.join(methods)}, "
+                      f"e.g. {calibrated[0]}); the {to} target re-quantizes from the fp weights with its own "
+                      "rounding, so it gets the planned bits and groups but not the method: the exported "
+                      "model is an RTN-quality version of the plan (bitplan's packed folder keeps the method)",
+                      UserWarning, stacklevel=2)
+        logging.getLogger("bitplan").debug("calibrated layers not carried by %s: %s", to, calibrated)
     skeleton = load_skeleton(check) if check is not None else None
     names = dict(strip_prefix=strip_prefix, add_prefix=add_prefix, skeleton=skeleton)
     if to == "gguf":

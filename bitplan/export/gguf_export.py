@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..plan import atomic_write_text
+from ..core.jsonio import atomic_write_text
 from .gguf_types import _n_blocks, gguf_arch, gguf_name_map, gguf_type, overrides_text, writable_types
 from .layers import export_layers, few
 

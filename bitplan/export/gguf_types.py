@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 
-from ..kernels.formats import QuantSpec, weight_nbytes
+from ..core.spec import QuantSpec, generic_nbytes as weight_nbytes
 
 __all__ = ["CANDIDATES", "ARCH_ALIASES", "gguf_arch", "gguf_name_map", "gguf_type", "writable_types",
            "overrides_text", "parse_overrides", "bits_per_weight"]

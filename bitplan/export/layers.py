@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from ..kernels.formats import QuantSpec
+from ..core.spec import QuantSpec
 from ..plan import Plan
 from ..report import layer_kinds, layer_nk
 
@@ -67,7 +67,7 @@ def warn_unknown_kinds(plan: Plan, skeleton) -> None:
 
 def _module_kind(module) -> str | None:
     import torch
-    from ..graph import layer_kind
+    from ..core.graph import layer_kind
     kind = layer_kind(module)
     if kind is None and isinstance(module, torch.nn.Embedding):
         return "embedding"

@@ -17,7 +17,7 @@ from bitplan.export import export_plan, load_skeleton                          #
 from bitplan.export.gguf_export import plan_gguf_types                         # noqa: E402
 from bitplan.export.gguf_types import (CANDIDATES, bits_per_weight, gguf_type, overrides_text,  # noqa: E402
                                        parse_overrides, writable_types)
-from bitplan.graph import find_layers                                          # noqa: E402
+from bitplan.core.graph import find_layers                                          # noqa: E402
 from bitplan.kernels.formats import QuantSpec, weight_nbytes                   # noqa: E402
 from bitplan.plan import Plan                                                  # noqa: E402
 from tests.fixtures_hf import save_tiny                                        # noqa: E402

@@ -11,7 +11,7 @@ import torch
 
 import bitplan
 from bitplan.costmodels import model_nbytes
-from bitplan.graph import find_layers
+from bitplan.core.graph import find_layers
 from bitplan.plan import Plan
 from bitplan.report import format_plan, layer_nk, layer_rows
 
@@ -63,7 +63,7 @@ def test_gpt2_rows_equal_packed_layer_bytes(gpt2_plan):
 
 def test_plan_without_kinds_says_so(gpt2_plan):
     _, plan = gpt2_plan
-    meta = {k: v for k, v in plan.meta.items() if k != "layer_kinds"}
+    meta = {k: v for k, v in plan.meta.items() if k not in ("layer_kinds", "layer_bytes")}
     old = Plan(plan.model_fingerprint, plan.layers, plan.predicted, plan.budgets, plan.estimator, plan.solver,
                meta)
     text = format_plan(old)
