@@ -33,19 +33,16 @@ SPECS = [QuantSpec(4, 32), QuantSpec(8), QuantSpec(2, 32, False), QuantSpec(4, 3
 
 
 def lm_plan(model, prefix: str = "", embedding: bool = True) -> Plan:
-    """Every quantizable layer at a cycling option; plus the input embedding (kind "embedding") when
-    it is not tied to lm_head. Names carry ``prefix`` (e.g. "encoder." as the CLI's wrapper names them)."""
-    layers = {l.name: (l.kind, list(l.weight_shape)) for l in find_layers(model)}
-    emb = model.get_input_embeddings()
-    name = next(n for n, m in model.named_modules() if m is emb)
-    if embedding and emb.weight is not model.get_output_embeddings().weight:
-        layers[name] = ("embedding", list(emb.weight.shape))
-    specs = {n: SPECS[i % len(SPECS)] for i, n in enumerate(layers)}
-    if embedding and name in specs:
-        specs[name] = QuantSpec(4, 32)
+    """Every quantizable layer at a cycling option (embedding tables — and a head tied to one, which is
+    the same layer — at w4g32); ``embedding=False`` leaves the tables (and tied heads) out. Names carry
+    ``prefix`` (e.g. "encoder." as the CLI's wrapper names them)."""
+    infos = [l for l in find_layers(model) if embedding or "embedding" not in l.kinds]
+    specs = {l.name: QuantSpec(4, 32) if "embedding" in l.kinds else SPECS[i % len(SPECS)]
+             for i, l in enumerate(infos)}
     return Plan("f", {prefix + n: s for n, s in specs.items()},
-                meta={"layer_shapes": {prefix + n: v[1] for n, v in layers.items()},
-                      "layer_kinds": {prefix + n: v[0] for n, v in layers.items()}})
+                meta={"layer_shapes": {prefix + l.name: list(l.weight_shape) for l in infos},
+                      "layer_kinds": {prefix + l.name: l.kind for l in infos},
+                      "aliases": {prefix + l.name: [prefix + a for a in l.aliases] for l in infos if l.aliases}})
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
