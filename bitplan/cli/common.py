@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import time
 
-__all__ = ["load", "need_calib", "check_names", "probe_opts", "resolve_args_options", "loss_for", "log"]
+__all__ = ["load", "need_calib", "check_names", "probe_opts", "resolve_args_options", "loss_for", "log",
+           "prepare_scoring"]
 
 log = logging.getLogger("bitplan")
 
@@ -77,3 +78,30 @@ def loss_for(args, spec):
         from ..evaluate import next_token_ce
         return next_token_ce
     return None
+
+
+def prepare_scoring(args):
+    """What `plan` and `frontier` share before solving: names checked, the model loaded, its graph
+    and options resolved, the sensitivity table scored (or read from ``--sensitivity-cache``).
+
+    Returns ``(spec, loss_fn, calib, graph, opts, table)``.
+    """
+    from ..core.graph import LayerGraph
+    from ..scoring import scored_table
+    sopts = check_names(args)
+    spec = load(args)
+    need_calib(spec, "scoring")
+    loss_fn = loss_for(args, spec)
+    calib = list(spec.calib_data)
+    graph = LayerGraph.build(spec.model, calib[0], forward=loss_fn)
+    opts = resolve_args_options(args, graph)
+    if getattr(args, "keep", None):          # bad --keep globs fail before the expensive scoring
+        from ..budgets import resolve_keep
+        args.keep_resolved = resolve_keep(graph.names, args.keep, graph)
+        have = sorted({s.bits for s in opts.specs})
+        bad = sorted({b for b in args.keep_resolved.values() if b not in have})
+        if bad:
+            raise ValueError(f"--keep: {bad} bits are not among the options --bits {','.join(map(str, have))}")
+    table = scored_table(spec.model, calib, opts, graph, args.sensitivity, loss_fn, args.seed,
+                         args.sensitivity_cache, sopts, args.quiet)
+    return spec, loss_fn, calib, graph, opts, table

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from . import args as A
-from .common import check_names, load, loss_for, need_calib, resolve_args_options
+from .common import prepare_scoring
 
 __all__ = ["add", "run", "metric_for"]
 
@@ -47,20 +47,10 @@ def metric_for(spec):
 
 
 def run(args) -> int:
-    from ..core.graph import LayerGraph
     from ..core.jsonio import atomic_write_json
     from ..frontier import sweep
     from ..plots import plot_frontier
-    from ..scoring import scored_table
-    sopts = check_names(args)
-    spec = load(args)
-    need_calib(spec, "scoring")
-    loss_fn = loss_for(args, spec)
-    calib = list(spec.calib_data)
-    graph = LayerGraph.build(spec.model, calib[0], forward=loss_fn)
-    opts = resolve_args_options(args, graph)
-    table = scored_table(spec.model, calib, opts, graph, args.sensitivity, loss_fn, args.seed,
-                         args.sensitivity_cache, sopts, args.quiet)
+    spec, loss_fn, calib, graph, opts, table = prepare_scoring(args)
     metric = None if args.no_measure else metric_for(spec)
     front = sweep(spec.model, calib, table, opts, graph, args.budgets_mb, args.points, args.solver,
                   loss_fn, spec.eval_data, measure=not args.no_measure, quiet=args.quiet, metric=metric)

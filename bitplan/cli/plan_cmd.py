@@ -5,7 +5,7 @@ import os
 from collections import Counter
 
 from . import args as A
-from .common import check_names, load, log, loss_for, need_calib, resolve_args_options
+from .common import log, prepare_scoring
 
 __all__ = ["add", "run"]
 
@@ -57,24 +57,10 @@ def run(args) -> int:
         raise A.UsageError("--max-latency-ms needs --profile (a latency profile from `bitplan calibrate`)")
     from ..allocator import InfeasibleBudgetError
     from ..api import allocate
-    from ..budgets import avg_bits_budget_mb, resolve_keep
-    from ..core.graph import LayerGraph
-    from ..scoring import scored_table
-    sopts = check_names(args)
-    spec = load(args)
-    need_calib(spec, "scoring")
-    loss_fn = loss_for(args, spec)
-    calib = list(spec.calib_data)
-    graph = LayerGraph.build(spec.model, calib[0], forward=loss_fn)
-    opts = resolve_args_options(args, graph)
-    keep = resolve_keep(graph.names, args.keep, graph)
-    have = sorted({s.bits for s in opts.specs})
-    bad = sorted({b for b in keep.values() if b not in have})
-    if bad:
-        raise ValueError(f"--keep: {bad} bits are not among the options --bits {','.join(map(str, have))}")
+    from ..budgets import avg_bits_budget_mb
+    spec, loss_fn, calib, graph, opts, table = prepare_scoring(args)
+    keep = getattr(args, "keep_resolved", {})
     budget_mb = args.budget_mb if args.avg_bits is None else avg_bits_budget_mb(spec.model, args.avg_bits)
-    table = scored_table(spec.model, calib, opts, graph, args.sensitivity, loss_fn, args.seed,
-                         args.sensitivity_cache, sopts, args.quiet)
     latency = {k: v for k, v in (("latency_tokens", args.latency_tokens),
                                  ("latency_fixed", args.latency_fixed)) if v is not None}
     try:
