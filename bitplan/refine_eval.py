@@ -38,7 +38,8 @@ class PlanMeter:
             p.requires_grad_(False)
         self.layers, self.specs, self.batches = list(graph.layers), list(specs), list(batches)
         self.params = [self.model.get_submodule(l.name).weight for l in self.layers]
-        self.fp = [p.detach().clone() for p in self.params]            # (as stored) fp weights
+        # fp weights (as stored) read from the user's model, which nothing here writes: no third copy
+        self.fp = [model.get_submodule(l.name).weight.detach() for l in self.layers]
         self.loaded = np.full(len(self.layers), -1)                    # option loaded per layer; -1 = fp
         self.hooks: dict[int, list] = {}
         self.qcache: OrderedDict = OrderedDict()                      # (layer, option) -> Q(W) tensor

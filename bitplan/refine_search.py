@@ -18,9 +18,10 @@ Correction (HIGGS: Malinovskii et al., "Pushing the Limits of Large Language Mod
 the Linearity Theorem", NAACL 2025 — loss ≈ Σ_l α_l t_l(b); ModelOpt auto_quantize fits per-layer
 factors the same way). First every row is probed one rung down from the start (a slope per layer at
 the operating point, measured on the cheap batches). From every plan measured on the cheap batches,
-``y ≈ β + Σ_r α_r T[r, c_r]`` is fitted by least squares with α_r ≥ 0 and a ridge towards one common
-factor; the corrected table ``α_r · T`` is re-solved exactly (``allocator.solve``) and its plan joins
-the candidates — kept only when it measures better, like any offspring.
+``y ≈ β + Σ_r α_r T[r, c_r]`` is fitted by least squares with a ridge towards one common factor α0
+and α_r ≥ 0.05 α0; every ``resolve_every`` generations the corrected tables ``α_r · T`` of three ridge
+strengths are re-solved exactly (``allocator.solve``) and their plans join the candidates — kept
+only when they measure better, like any offspring. The middle fit also ranks the offspring pool.
 
 Example:
     >>> s = Search(meter, problem, table, start, Config(), seed=0, deadline=time.perf_counter() + 60)
@@ -50,7 +51,7 @@ class Config:
     resolve_every: int = 3          # generations between corrected re-solves
     patience: int = 40              # generations without a better plan before stopping
     max_evals: int | None = None    # most distinct plans measured (any stage); None = time only
-    ridge: float = 0.3              # pull of each α_r towards the common factor (relative to its data)
+    ridge: float = 3.0              # pull of each α_r towards the common factor (relative to its data)
     solver: str | None = None       # re-solve with this registered solver; None = the plan's, else "auto"
 
     def __post_init__(self):
@@ -181,11 +182,12 @@ class Space:
         return np.array(c, np.int64)
 
 
-def fit_alpha(X: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray, float]:
-    """α (R,) >= 0 with ``y ≈ β + X α`` (X (P, R): the table entry of each row in each measured plan),
-    ridge towards one common factor α0 (fitted first on the row sums); returns (α, α0).
+def fit_alpha(X: np.ndarray, y: np.ndarray, ridge: float, floor: float = 0.05) -> tuple[np.ndarray, float]:
+    """α (R,) with ``y ≈ β + X α`` (X (P, R): the table entry of each row in each measured plan),
+    ridge towards one common factor α0 (fitted first on the row sums), α >= ``floor`` · α0 (a row
+    the data calls free would otherwise be dropped to its lowest option); returns (α, α0).
 
-    Negative factors are set to 0 and the others refitted (an active set, at most R rounds)."""
+    Factors under the floor are pinned to it and the others refitted (an active set, at most R rounds)."""
     Xc, yc = X - X.mean(0), y - y.mean()
     s = Xc.sum(1)
     a0 = float(s @ yc / (s @ s)) if s @ s > 0 else 1.0
@@ -193,14 +195,16 @@ def fit_alpha(X: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray, f
     d = (Xc ** 2).sum(0)                                        # (R,) data energy of each column
     lam = ridge * d + 1e-6 * max(d.mean(), 1e-300)              # no data on a row: α stays α0
     G, h = Xc.T @ Xc + np.diag(lam), Xc.T @ yc + lam * a0        # normal equations of the ridge fit
-    alpha = np.zeros(len(d))
+    lb = floor * a0
+    alpha = np.full(len(d), lb)
     free = np.ones(len(d), bool)
-    while free.any():
-        sub = np.linalg.solve(G[np.ix_(free, free)], h[free])
-        if (sub >= 0).all():
+    while free.any():                                           # α = lb on pinned rows, solve the rest
+        rhs = h[free] - G[np.ix_(free, ~free)] @ alpha[~free]
+        sub = np.linalg.solve(G[np.ix_(free, free)], rhs)
+        if (sub >= lb).all():
             alpha[free] = sub
             break
-        free[np.flatnonzero(free)[sub < 0]] = False
+        free[np.flatnonzero(free)[sub < lb]] = False
     return alpha, a0
 
 
@@ -315,8 +319,8 @@ class Search:
         return float((self.alpha * self.sp.T[np.arange(R), c]).sum())
 
     # ------------------------------------------------------------------ correction
-    def fit(self) -> None:
-        """Refit α from every plan measured on the cheap batches."""
+    def fit(self, ridge: float) -> np.ndarray | None:
+        """α (R,) fitted on every plan measured on the cheap batches; None with fewer than 2 plans."""
         X, y = [], []
         R = self.sp.red.shape[0]
         for key, row in self.meter.losses.items():
@@ -326,31 +330,43 @@ class Search:
             X.append(self.sp.T[np.arange(R), c])
             y.append(float(row[self.cheap].mean()))
         if len(y) < 2:
-            return
-        self.alpha, self.alpha0 = fit_alpha(np.array(X), np.array(y), self.cfg.ridge)
+            return None
+        alpha, self.alpha0 = fit_alpha(np.array(X), np.array(y), ridge)
         self.fits += 1
+        return alpha
 
-    def corrected_problem(self):
+    def corrected_problem(self, alpha: np.ndarray):
         """The Problem with the corrected table α_r · T (layer rows take their reduced row's α)."""
-        loss = self.alpha[self.sp.row_of][:, None] * self.table
+        loss = alpha[self.sp.row_of][:, None] * self.table
         return dataclasses.replace(self.problem, loss=loss)
 
     def resolve(self) -> None:
-        """Fit, re-solve the corrected table exactly, and consider its plan."""
+        """Fit α at three ridge strengths (ridge / 3, ridge, 3 ridge), re-solve each corrected table
+        exactly and consider the new plans like offspring; the middle fit ranks later offspring."""
         from .allocator import solve
-        self.fit()
-        if not (self.alpha > 0).any() or not self.time_left():
-            return
-        left = max(0.5, self.deadline - time.perf_counter())
-        try:
-            sol = solve(self.corrected_problem(), method=self.solver, time_limit=min(30.0, left))
-        except (ValueError, RuntimeError):       # a solver that cannot take this problem: keep searching
-            return
-        self.resolves += 1
-        c = self.sp.of_layers(np.asarray(sol.choice))
-        if self.key(c) not in self.done:
-            self.source.setdefault(self.key(c), "resolve")
-            self.consider([c], "resolve")
+        cands, keys = [], set()
+        for f in (1 / 3, 1.0, 3.0):
+            if not self.time_left():
+                return
+            alpha = self.fit(self.cfg.ridge * f)
+            if alpha is None:
+                return
+            if f == 1.0:
+                self.alpha = alpha
+            left = max(0.5, self.deadline - time.perf_counter())
+            try:
+                sol = solve(self.corrected_problem(alpha), method=self.solver, time_limit=min(30.0, left))
+            except (ValueError, RuntimeError):    # a solver that cannot take this problem: keep searching
+                continue
+            self.resolves += 1
+            c = self.sp.of_layers(np.asarray(sol.choice))
+            k = self.key(c)
+            if k not in self.done and k not in keys:
+                keys.add(k)
+                self.source.setdefault(k, "resolve")
+                cands.append(c)
+        if cands:
+            self.consider(cands, "resolve")
 
     # ------------------------------------------------------------------ the run
     def probe(self) -> None:
