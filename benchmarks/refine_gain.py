@@ -13,7 +13,10 @@ solved: every budget net of fixed costs). Reported per budget:
   held-out metrics (MiniLM: cosine to fp32 embeddings, top-5 retrieval agreement; digits: accuracy,
   cross-entropy; char LM: perplexity), both plans, from ``apply_plan_(copy, plan, "fake")``;
 - the refine record: seconds, candidates measured, forwards, where the plan came from (search or the
-  corrected re-solve), the start's additivity gap.
+  corrected re-solve), the start's additivity gap, and the reduction reached by 30 / 60 / 120 / 240 s
+  (from the record's trace of every improvement);
+- on models small enough (digits MLP: 3 layers x 12 options) the measured optimum over EVERY feasible
+  plan, so the refined plan's distance to it shows.
 
     python benchmarks/refine_gain.py                          # minilm + digits_mlp, 3 and 5 bits
     python benchmarks/refine_gain.py --tasks digits_mlp --seconds 20 --out /tmp/r.json   # quick
@@ -80,6 +83,22 @@ def calib_loss(model, plan, batches, loss_fn, fn_cache={}):
         return float(np.mean([float(fn_cache[key](q, b)) for b in batches]))
 
 
+def enumerate_optimum(task, graph, opts, budget_mb, limit=5000):
+    """(measured optimum, number of feasible plans) over EVERY plan of a small model, else None."""
+    import itertools
+    from bitplan.costmodels import MB, base_nbytes, cost_table
+    from bitplan.refine_eval import PlanMeter
+    rows = [np.flatnonzero(opts.allowed[i]) for i in range(len(graph.names))]
+    if np.prod([len(r) for r in rows], dtype=float) > limit:
+        return None
+    size = cost_table("size", graph.layers, list(opts.specs), allowed=opts.allowed)
+    cap = budget_mb * MB - base_nbytes(task.model, graph.names)
+    meter = PlanMeter(task.model, graph, opts.specs, task.calib, task.loss_fn)
+    ys = [meter.measure(c, range(len(task.calib))) for c in itertools.product(*rows)
+          if size[np.arange(len(rows)), list(c)].sum() <= cap]
+    return float(min(ys)), len(ys)
+
+
 def run_task(name, bits_list, seconds, work, quick, seed, log, max_evals=None):
     import bitplan
     from bitplan.apply import apply_plan_
@@ -121,7 +140,15 @@ def run_task(name, bits_list, seconds, work, quick, seed, log, max_evals=None):
                         "metrics": task.evaluate(apply_plan_(copy.deepcopy(task.model), plan, "fake")),
                         "bits": {k: s.label for k, s in plan.layers.items()}}
         a, b = out["ilp"], out["refined"]
+        opt = enumerate_optimum(task, graph, opts, budget)
+        if opt is not None:
+            out["enumerated"] = {"optimum_calib_loss": opt[0], "feasible_plans": opt[1]}
+            log(f"[{name}] {avg} bits: measured optimum over all {opt[1]} feasible plans: {opt[0]:.5g}")
         out["calib_reduction"] = 1 - b["calib_loss"] / a["calib_loss"] if a["calib_loss"] > 0 else 0.0
+        def by(t):                 # the refine record's own measured loss of the best plan found by t s
+            v = [x["measured"] for x in rec["trace"] if x["s"] <= t]
+            return 1 - (v[-1] if v else rec["start_measured"]) / rec["start_measured"] if rec["start_measured"] else 0.0
+        out["calib_reduction_by_s"] = {str(t): by(t) for t in (30, 60, 120, 240, seconds) if t <= seconds}
         out["heldout_reduction"] = 1 - b["heldout_loss"] / a["heldout_loss"] if a["heldout_loss"] > 0 else 0.0
         out["metric_better"] = {m: (b["metrics"][m] - a["metrics"][m]) * (1 if task.higher_better[m] else -1) >= 0
                                 for m in task.metrics}

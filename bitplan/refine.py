@@ -219,6 +219,8 @@ def _record(search, meter, T, start, best, what, pred0, seconds, t0, seed) -> di
            "additivity_gap": (None if pred0 is None or not m0 else float((pred0 - m0) / m0)),
            "measured": m1, "source": src, "gain": None if not m0 else float(1 - m1 / m0),
            "accepted": dict(search.accepted), "candidates": len(search.seen), "forwards": meter.forwards,
+           "trace": [{"s": t + search.t0 - t0, "measured": v - meter.fp_loss, "source": s, "candidates": n}
+                     for t, v, s, n in search.trace],                # every step down, s since the call
            "generations": search.generations, "resolves": search.resolves, "fits": search.fits,
            "corrected_predicted": float((search.alpha[search.sp.row_of] * T[L, best]).sum()),
            "alpha": {"common": float(search.alpha0), "min": float(a.min()), "median": float(np.median(a)),

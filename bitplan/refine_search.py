@@ -231,6 +231,8 @@ class Search:
         self.accepted = {"search": 0, "resolve": 0}
         self.generations, self.resolves, self.stopped = 0, 0, None
         self.fits, self.seconds = 0, 0.0
+        self.t0 = time.perf_counter()
+        self.trace: list[tuple] = []                                   # (s, full loss, source, candidates) per step
 
     # ------------------------------------------------------------------ measuring
     def key(self, c) -> tuple:
@@ -281,7 +283,9 @@ class Search:
         if best is None:
             return False
         self.parent = best
-        self.accepted[self.source.setdefault(self.key(best), origin)] += 1
+        src = self.source.setdefault(self.key(best), origin)
+        self.accepted[src] += 1
+        self.trace.append((time.perf_counter() - self.t0, best_v, src, len(self.seen)))
         return True
 
     def proposals(self) -> list:
@@ -383,7 +387,7 @@ class Search:
 
     def run(self) -> np.ndarray:
         """The best plan measured (layer choice (L,)); the start when nothing measured better."""
-        t0 = time.perf_counter()
+        t0 = self.t0 = time.perf_counter()
         self.seen.add(self.key(self.start))
         self.done.add(self.key(self.start))
         self.meter.measure(self.sp.to_layers(self.start), self.all)          # always, even past the limit
