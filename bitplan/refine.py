@@ -25,9 +25,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import sys
-import types
 import time
+import types
 import warnings
 
 import numpy as np
@@ -118,7 +119,7 @@ def refine(model: torch.nn.Module, plan: Plan, calib_data, loss_fn=None, seconds
     ``seconds`` bounds the wall time up to the end of the search (the model copy, the fp references
     and a table without ``table=`` count; the start is measured on every batch even past the limit;
     the held-out measurements come after). ``table`` (a Sensitivity for the plan's
-    options) and ``problem`` (the allocator Problem, budgets net of fixed costs) are what
+    options, or its path) and ``problem`` (the allocator Problem, budgets net of fixed costs) are what
     :func:`bitplan.allocate` passes; without them the problem is rebuilt from the plan (its options,
     budgets and tie mode; ``latency_profile`` is then needed for a latency budget, ``keep`` re-pins
     layers) and the table is each layer's relative weight error, scaled per layer from the
@@ -160,6 +161,11 @@ def refine(model: torch.nn.Module, plan: Plan, calib_data, loss_fn=None, seconds
     try:
         real = table is not None or problem is not None         # a loss table in the loss's units
         if table is not None:
+            from .sensitivity import Sensitivity, load as load_table
+            if not isinstance(table, Sensitivity):
+                if not isinstance(table, (str, os.PathLike)):
+                    raise TypeError(f"table must be a Sensitivity or a path to one, got {type(table).__name__}")
+                table = load_table(table)
             table.check_matches(graph.names, specs, graph.fingerprint, "refine's table")
             T, what = np.asarray(table.loss, float), f"sensitivity table ({table.method})"
         elif problem is not None:

@@ -110,7 +110,9 @@ def _refine_lines(r: dict) -> list[str]:
                    + (f" (table off by {100 * (p - m) / m:+.1f} %)" if m else ""))
     f = r.get("measured")
     if _num(f):
-        out.append(f"refine: measured {f:.6g}" + (f" ({-100 * (1 - f / m):+.1f} % vs start)" if _num(m) and m else "")
+        vs = "" if not (_num(m) and m) else " (the start: nothing measured better)" if f >= m \
+            else f" ({-100 * (1 - f / m):+.1f} % vs start)"
+        out.append(f"refine: measured {f:.6g}{vs}"
                    + f", from {r.get('source', '?')}; {r.get('candidates', '?')} candidates"
                    + (f" in {r['seconds']:.1f} s" if _num(r.get("seconds")) else "")
                    + f" (stopped: {r.get('stopped', '?')})")

@@ -245,3 +245,22 @@ def test_bad_inputs(tiny_all):
     over = plan.replace(budgets={"size_bytes": plan.predicted["size_bytes"] - 1})
     with pytest.raises(ValueError, match="does not meet"):
         bitplan.refine(model, over, batches, seconds=1)
+
+
+def test_cli_plan_refine_and_show(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "p.json"
+    p = subprocess.run([sys.executable, "-m", "bitplan", "plan", "--model", "tests.fixtures_models:tiny",
+                        "--avg-bits", "3", "--bits", "2,3,4", "--refine", "3", "--out", str(out), "--quiet"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr
+    rec = json.loads(out.read_text())["solver"]["refine"]
+    assert rec["time_limit_s"] == 3.0 and rec["measured"] <= rec["start_measured"]
+    s = subprocess.run([sys.executable, "-m", "bitplan", "show", str(out)], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert s.returncode == 0 and "additivity gap: start plan predicted" in s.stdout, s.stderr
