@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -74,11 +75,8 @@ class PlanMeter:
         if key in self.qcache:
             self.qcache.move_to_end(key)
             return self.qcache[key]
-        p, l = self.params[i], self.layers[i]
-        with torch.no_grad():
-            p.copy_(self.fp[i])
-            q = fake_weight(self.model.get_submodule(l.name), l.kind, self.specs[j])
-        self.loaded[i] = -1
+        with torch.no_grad():        # fake_weight reads only .weight: give it the fp tensor, touch nothing
+            q = fake_weight(SimpleNamespace(weight=self.fp[i]), self.layers[i].kind, self.specs[j])
         self.quantized += 1
         self.qcache[key] = q
         self.cache_bytes += q.numel() * q.element_size()
