@@ -176,7 +176,6 @@ def test_every_candidate_meets_size_bops_latency_and_ties(monkeypatch):
 
 def test_deterministic_for_a_seed(tiny_all):
     model, batches, g, _ = tiny_all
-    start = bitplan.uniform_plan if False else None
     base = base_nbytes(model, g.names)
     opts = [QuantSpec(b, gs) for b in (2, 3, 4, 8) for gs in (None, 32)]
     start = make_plan(g, {n: QuantSpec(3) for n in g.names}, base, estimator={"options": [s.to_dict() for s in opts]})
