@@ -148,7 +148,8 @@ def run_task(name, bits_list, seconds, work, quick, seed, log, max_evals=None):
         def by(t):                 # the refine record's own measured loss of the best plan found by t s
             v = [x["measured"] for x in rec["trace"] if x["s"] <= t]
             return 1 - (v[-1] if v else rec["start_measured"]) / rec["start_measured"] if rec["start_measured"] else 0.0
-        out["calib_reduction_by_s"] = {str(t): by(t) for t in (30, 60, 120, 240, seconds) if t <= seconds}
+        marks = sorted({t for t in (30, 60, 120, 240) if t <= seconds} | {seconds})
+        out["calib_reduction_by_s"] = {f"{t:g}": by(t) for t in marks}
         out["heldout_reduction"] = 1 - b["heldout_loss"] / a["heldout_loss"] if a["heldout_loss"] > 0 else 0.0
         out["metric_better"] = {m: (b["metrics"][m] - a["metrics"][m]) * (1 if task.higher_better[m] else -1) >= 0
                                 for m in task.metrics}
