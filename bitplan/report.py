@@ -135,7 +135,34 @@ def format_plan(plan) -> str:
         gap = sol.get("gap")
         lines.append(f"solver: {sol.get('name')}  status={sol.get('status')}  objective={sol.get('objective')}"
                      + (f"  gap={gap:.3g}" if isinstance(gap, (int, float)) else ""))
+    ref = sol.get("refine") if sol else None
+    if isinstance(ref, dict):
+        lines += _refine_lines(ref)
     return "\n".join(lines)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _refine_lines(r: dict) -> list[str]:
+    """The additivity gap and what ``bitplan.refine`` measured (``plan.solver["refine"]``)."""
+    out = []
+    p, m = r.get("start_predicted"), r.get("start_measured")
+    if _num(p) and _num(m):
+        out.append(f"additivity gap: start plan predicted {p:.6g}, measured {m:.6g}"
+                   + (f" (table off by {100 * (p - m) / m:+.1f} %)" if m else ""))
+    f = r.get("measured")
+    if _num(f):
+        vs = "" if not (_num(m) and m) else " (the start: nothing measured better)" if f >= m \
+            else f" ({-100 * (1 - f / m):+.1f} % vs start)"
+        out.append(f"refine: measured {f:.6g}{vs}"
+                   + f", from {r.get('source', '?')}; {r.get('candidates', '?')} candidates"
+                   + (f" in {r['seconds']:.1f} s" if _num(r.get("seconds")) else "")
+                   + f" (stopped: {r.get('stopped', '?')})")
+    if _num(r.get("heldout_start")) and _num(r.get("heldout")):
+        out.append(f"held-out loss: start {r['heldout_start']:.6g}, refined {r['heldout']:.6g}")
+    return out
 
 
 def format_sensitivity(table) -> str:
