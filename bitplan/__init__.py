@@ -6,7 +6,7 @@
 
 Submodules users call directly are attributes too (imported on first use): ``bitplan.budgets``,
 ``bitplan.scoring``, ``bitplan.frontier``, ``bitplan.packed_io``, ``bitplan.plots``,
-``bitplan.exports``, ``bitplan.report``, ``bitplan.models``, ``bitplan.evaluate``.
+``bitplan.export``, ``bitplan.joint``, ``bitplan.report``, ``bitplan.models``, ``bitplan.evaluate``.
 """
 import importlib
 
@@ -17,11 +17,11 @@ from .core.version import __version__
 __all__ = ["allocate", "refine", "apply_plan_", "Plan", "QuantSpec", "LayerGraph", "save_packed",
            "load_packed", "InfeasibleBudgetError", "PlanMismatchError", "__version__"]
 
-_LAZY = {"allocate": ("api", "allocate"), "refine": ("refine", "refine"), "Plan": ("plan", "Plan"),
+_LAZY = {"allocate": ("api", "allocate"), "refine": ("joint", "refine"), "Plan": ("plan", "Plan"),
          "LayerGraph": ("core.graph", "LayerGraph"), "save_packed": ("packed_io", "save_packed"),
          "load_packed": ("packed_io", "load_packed"), "apply_plan_": ("apply", "apply_plan_"),
          "InfeasibleBudgetError": ("allocator.errors", "InfeasibleBudgetError")}
-_SUBMODULES = ("budgets", "scoring", "frontier", "packed_io", "plots", "exports", "report", "models",
+_SUBMODULES = ("budgets", "scoring", "frontier", "joint", "packed_io", "plots", "export", "report", "models",
                "evaluate", "api", "plan", "apply", "core", "allocator", "sensitivity", "costmodels", "kernels")
 
 

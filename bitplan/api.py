@@ -237,7 +237,7 @@ def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=
                 "bound": finite(sol.bound), "gap": finite(sol.gap), "seconds": float(sol.seconds)},
         meta={"tie": tie, "seed": seed, "kernels_here": kernels_here})
     if refine_seconds is not None:
-        from .refine import refine
+        from .joint import refine
         plan = refine(model, plan, batches, loss_fn=loss_fn, seconds=refine_seconds, table=table,
                       problem=problem, options=opts, seed=seed, **(refine_opts or {}))
     return plan

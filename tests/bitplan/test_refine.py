@@ -16,7 +16,7 @@ from bitplan.assemble import make_plan
 from bitplan.core.graph import LayerGraph
 from bitplan.core.spec import QuantSpec
 from bitplan.costmodels import MB, base_nbytes
-from bitplan.refine_search import Search
+from bitplan.joint.search import Search
 from bitplan.sensitivity import Sensitivity
 from bitplan.sensitivity.losses import resolve_loss
 from tests.fixtures_models import tiny

@@ -26,15 +26,13 @@ import dataclasses
 import math
 import numbers
 import os
-import sys
 import time
-import types
 import warnings
 
 import numpy as np
 import torch
 
-from .plan import Plan
+from ..plan import Plan
 
 __all__ = ["refine"]
 
@@ -44,8 +42,8 @@ _MADE_BY_MAKE_PLAN = {"bitplan_version", "torch_version", "python", "created", "
 
 def _options(graph, plan: Plan, options):
     """Options (specs + (L, B) allowed) of the run: given, recorded in the plan, or the defaults."""
-    from .core.spec import QuantSpec, spec_from_dict
-    from .options import Options, resolve_options
+    from ..core.spec import QuantSpec, spec_from_dict
+    from ..options import Options, resolve_options
     if isinstance(options, Options):
         return options
     if options is not None:
@@ -61,8 +59,8 @@ def _options(graph, plan: Plan, options):
 def _problem(graph, plan: Plan, opts, loss: np.ndarray, base: int, latency_profile, latency_fixed,
              latency_tokens, keep):
     """The allocator Problem of the plan's budgets (net of fixed bytes / ms), rebuilt from the plan."""
-    from .api import build_problem
-    from .costmodels import MB
+    from ..api import build_problem
+    from ..costmodels import MB
     b = dict(plan.budgets)
     if not b:                                  # a plan without budgets (uniform): never grow it
         b = {"size_bytes": float(plan.predicted["size_bytes"])}
@@ -92,7 +90,7 @@ def _check(seconds, seed, plan, model):
 
 
 def _config(opts: dict):
-    from .refine_search import Config
+    from .search import Config
     known = {f.name for f in dataclasses.fields(Config)}
     bad = sorted(set(opts) - known)
     if bad:
@@ -131,14 +129,14 @@ def refine(model: torch.nn.Module, plan: Plan, calib_data, loss_fn=None, seconds
         >>> better = bitplan.refine(model, plan, batches, seconds=120, heldout=held)
         >>> better.solver["refine"]["additivity_gap"]
     """
-    from .allocator import SOLVERS
-    from .apply import check_plan
-    from .assemble import make_plan
-    from .core.batches import as_batches
-    from .core.graph import LayerGraph
-    from .costmodels import base_nbytes
-    from .refine_eval import PlanMeter
-    from .refine_search import Search
+    from ..allocator import SOLVERS
+    from ..apply import check_plan
+    from ..assemble import make_plan
+    from ..core.batches import as_batches
+    from ..core.graph import LayerGraph
+    from ..costmodels import base_nbytes
+    from .meter import PlanMeter
+    from .search import Search
 
     t0 = time.perf_counter()
     _check(seconds, seed, plan, model)
@@ -161,7 +159,7 @@ def refine(model: torch.nn.Module, plan: Plan, calib_data, loss_fn=None, seconds
     try:
         real = table is not None or problem is not None         # a loss table in the loss's units
         if table is not None:
-            from .sensitivity import Sensitivity, load as load_table
+            from ..sensitivity import Sensitivity, load as load_table
             if not isinstance(table, Sensitivity):
                 if not isinstance(table, (str, os.PathLike)):
                     raise TypeError(f"table must be a Sensitivity or a path to one, got {type(table).__name__}")
@@ -205,7 +203,7 @@ def refine(model: torch.nn.Module, plan: Plan, calib_data, loss_fn=None, seconds
         predicted.pop("loss", None)            # the plan's table is not here: no prediction for the result
     meta = {k: v for k, v in plan.meta.items() if k not in _MADE_BY_MAKE_PLAN}
     if "kernels_here" in meta:
-        from .api import expected_kernels
+        from ..api import expected_kernels
         meta["kernels_here"] = expected_kernels(graph, layers)[0]
     return make_plan(graph, layers, base, budgets=plan.budgets, predicted=predicted, estimator=plan.estimator,
                      solver={**plan.solver, "refine": rec}, meta=meta)
@@ -237,14 +235,3 @@ def _record(search, meter, T, start, best, what, pred0, seconds, t0, seed) -> di
         rec["heldout"] = h0 if (best == start).all() else meter.heldout_loss(best) - meter.held_fp
         rec["heldout_batches"] = len(meter.heldout)
     return rec
-
-
-class _CallableModule(types.ModuleType):
-    """``bitplan.refine`` is this module once it is imported (Python sets a package attribute for every
-    imported submodule, over the lazy ``bitplan.refine`` function): calling it calls :func:`refine`."""
-
-    def __call__(self, *args, **kwargs):
-        return refine(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .refine_space import Space
+from .space import Space
 
 __all__ = ["Config", "Search", "fit_alpha"]
 
@@ -234,7 +234,7 @@ class Search:
     def resolve(self) -> None:
         """Fit α at three ridge strengths (ridge / 3, ridge, 3 ridge), re-solve each corrected table
         exactly and consider the new plans like offspring; the middle fit ranks later offspring."""
-        from .allocator import solve
+        from ..allocator import solve
         cands, keys = [], set()
         for f in (1 / 3, 1.0, 3.0):
             if not self.time_left():

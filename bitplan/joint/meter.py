@@ -22,8 +22,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .core.spec import QuantSpec
-from .kernels.modules import ActFakeQuant, fake_weight
+from ..core.spec import QuantSpec
+from ..kernels.modules import ActFakeQuant, fake_weight
 
 __all__ = ["PlanMeter"]
 
@@ -33,7 +33,7 @@ class PlanMeter:
 
     def __init__(self, model: torch.nn.Module, graph, specs: list[QuantSpec], batches: list, loss_fn=None,
                  cache_mb: float = 1024.0, heldout: list | None = None):
-        from .sensitivity.losses import resolve_loss
+        from ..sensitivity.losses import resolve_loss
         self.model = copy.deepcopy(model).eval()          # private: the user's model is never touched
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -47,6 +47,14 @@ class PlanMeter:
         self.cache_bytes, self.cache_limit = 0, int(cache_mb * 1e6)
         self.losses: dict[tuple, np.ndarray] = {}                      # plan key -> (batches,) nan = unmeasured
         self.forwards, self.swaps, self.quantized = 0, 0, 0
+        # calibrated rounding (AWQ / GPTQ) among the options: the layers' input statistics, once
+        from ..kernels.modules import needs_stats
+        want = [l.name for l in self.layers if "embedding" not in l.kinds] if any(map(needs_stats, self.specs)) else []
+        self.stats = {}
+        if want:
+            from ..kernels.calibstats import gather_stats
+            self.stats = gather_stats(self.model, self.batches, names=want,
+                                      forward=loss_fn if callable(loss_fn) else None)
         with torch.random.fork_rng(devices=[]):
             self.loss_fn, self.desc = resolve_loss(loss_fn, self.model, self.batches)
             self.fp_loss = self._fp_loss(self.loss_fn, self.batches, loss_fn)
@@ -76,7 +84,8 @@ class PlanMeter:
             self.qcache.move_to_end(key)
             return self.qcache[key]
         with torch.no_grad():        # fake_weight reads only .weight: give it the fp tensor, touch nothing
-            q = fake_weight(SimpleNamespace(weight=self.fp[i]), self.layers[i].kind, self.specs[j])
+            q = fake_weight(SimpleNamespace(weight=self.fp[i]), self.layers[i].kind, self.specs[j],
+                            self.stats.get(self.layers[i].name))
         self.quantized += 1
         self.qcache[key] = q
         self.cache_bytes += q.numel() * q.element_size()

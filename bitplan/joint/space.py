@@ -26,7 +26,7 @@ class Space:
     Python floats beat numpy calls on length-3 vectors)."""
 
     def __init__(self, problem, table: np.ndarray):
-        from .allocator.problem import FEAS_RTOL
+        from ..allocator.problem import FEAS_RTOL
         self.red, self.row_of = problem.reduced()
         R, B = self.red.shape
         self.keys = list(problem.budgets)
