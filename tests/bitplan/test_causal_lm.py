@@ -66,6 +66,9 @@ def test_missing_tokenizer_is_one_clear_sentence(qwen, tmp_path):
         (d / f).unlink()
     p = run("plan", "--model", d, "--avg-bits", "4", "--out", tmp_path / "x.json")
     assert p.returncode == 2 and "no usable tokenizer files" in p.stderr
-    assert len(p.stderr.strip().splitlines()) <= 3, p.stderr
+    # one sentence from bitplan; other libraries' import chatter (e.g. torchao's optional .so probes on
+    # some machines) is not ours to count, but transformers' tokenizer dumps and tracebacks must not show
+    assert "Traceback" not in p.stderr and "sentencepiece" not in p.stderr.lower(), p.stderr
+    assert sum("error:" in line for line in p.stderr.splitlines()) == 1, p.stderr
     p = run("plan", "--model", tmp_path / "does_not_exist", "--avg-bits", "4", "--out", tmp_path / "x.json")
     assert p.returncode == 2 and "no such folder" in p.stderr
