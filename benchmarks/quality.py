@@ -12,6 +12,19 @@ prediction). Estimators are scored once per task and re-solved at every budget.
 
 Writes ``<out>/RESULTS.md`` (tables + claims), ``<out>/results.json``, ``<out>/frontier_<task>.png``.
 Trained weights are cached in ``--work`` (default ``benchmarks/out``, git-ignored).
+
+Besides the anchors, three rows answer "what does a user get":
+
+- ``bitplan_default``: ``bitplan.allocate`` exactly as a user calls it — the default option grid
+  (``bitplan.options.DEFAULTS``: bits {2,3,4,5,6,8} x {per channel, group 128}, per-layer masks), the
+  default estimator (hessian, this benchmark's probe settings) — re-solved at every budget from one table.
+- ``bitplan_old_default``: the round-1 default grid (bits {2,3,4,8}, per channel), same traces.
+- ``bitplan_refine``: ``bitplan_default`` + ``bitplan.refine`` (joint search, ``--refine-seconds`` per
+  budget) at the budgets in ``--refine-bits`` on the tasks in ``--refine-tasks``; its calibration loss
+  before/after is recorded next to the held-out metrics.
+
+``bitplan_best`` (the candidate the headline reports) is chosen by mean rank on a VALIDATION split
+(disjoint from calibration and test, see quality_models.py), then reported on the test split.
 """
 from __future__ import annotations
 
@@ -78,11 +91,24 @@ class Evaluator:
 
     def __init__(self, task):
         self.task, self.cache, self.sizes, self.seconds = task, {}, {}, 0.0
-        self.size_mismatch, self.packed_plans = [], 0
+        self.size_mismatch, self.packed_plans, self.val = [], 0, {}
 
     @staticmethod
     def key(plan):
-        return tuple((s.bits, s.group_size, s.symmetric) for s in plan.layers.values())
+        return tuple((s.bits, s.group_size, s.symmetric, s.act_bits, s.method) for s in plan.layers.values())
+
+    def validation(self, plan) -> dict | None:
+        """Metrics on the task's validation split (None when the task has none)."""
+        from bitplan.apply import apply_plan_
+        if self.task.validate is None:
+            return None
+        k = self.key(plan)
+        if k not in self.val:
+            t0 = time.perf_counter()
+            self.val[k] = self.task.validate(apply_plan_(copy.deepcopy(self.task.model), plan, "fake",
+                                                         calib_data=self.task.calib))
+            self.seconds += time.perf_counter() - t0
+        return self.val[k]
 
     def packed_size(self, plan) -> int:
         from bitplan.costmodels import model_nbytes
@@ -92,7 +118,8 @@ class Evaluator:
             t0 = time.perf_counter()
             with warnings.catch_warnings():      # "runs the reference dequant path": size is all we need
                 warnings.simplefilter("ignore", RuntimeWarning)
-                packed = model_nbytes(apply_plan_(copy.deepcopy(self.task.model), plan, "packed"))
+                packed = model_nbytes(apply_plan_(copy.deepcopy(self.task.model), plan, "packed",
+                                                  calib_data=self.task.calib))
             if packed != int(plan.predicted["size_bytes"]):
                 self.size_mismatch.append((plan.estimator.get("name"), packed, plan.predicted["size_bytes"]))
             self.sizes[k] = packed
@@ -106,7 +133,8 @@ class Evaluator:
         k = self.key(plan)
         if k not in self.cache:
             t0 = time.perf_counter()
-            self.cache[k] = self.task.evaluate(apply_plan_(copy.deepcopy(self.task.model), plan, "fake"))
+            self.cache[k] = self.task.evaluate(apply_plan_(copy.deepcopy(self.task.model), plan, "fake",
+                                                           calib_data=self.task.calib))
             self.seconds += time.perf_counter() - t0
         if pack or k in self.sizes:
             return self.cache[k], self.packed_size(plan), "packed"
@@ -120,7 +148,7 @@ def plan_bits(plan) -> str:
     return " ".join(f"{k}:{v}" for k, v in sorted(c.items(), key=lambda kv: (int(kv[0].rstrip('g')), kv[0])))
 
 
-def run_task(name: str, quick: bool, work: str, seed: int, log) -> dict:
+def run_task(name: str, quick: bool, work: str, seed: int, log, refine: dict | None = None) -> dict:
     from bitplan.costmodels import base_nbytes
     from bitplan.core.graph import LayerGraph
     from bitplan.core.spec import QuantSpec
@@ -143,14 +171,15 @@ def run_task(name: str, quick: bool, work: str, seed: int, log) -> dict:
     plans = {}                                     # (method, budget bits) -> Plan
 
     def add(method, label, b, plan, score_s, solve_s, status="ok", metrics=None, size=None, note="",
-            pack=True, size_source="packed"):
+            pack=True, size_source="packed", extra=None):
         if plan is not None and metrics is None:
             metrics, size, size_source = ev(plan, pack)
             plans[method, b] = plan
         rows.append({"method": method, "label": label, "budget_bits": b, "budget_bytes": budgets[b],
                      "size_bytes": size, "size_source": size_source if size is not None else None,
                      "metrics": metrics, "score_s": score_s, "solve_s": solve_s,
-                     "status": status, "bits": plan_bits(plan) if plan is not None else "", "note": note})
+                     "status": status, "bits": plan_bits(plan) if plan is not None else "", "note": note,
+                     **(extra or {})})
 
     # --- uniform and random
     for b in budgets:
@@ -231,13 +260,18 @@ def run_task(name: str, quick: bool, work: str, seed: int, log) -> dict:
     ilp_method(key, key, hessian_with_specs(ctx, all_specs), list(range(len(all_specs))), all_specs, pack_all)
     cands.append(key)
 
-    # --- pick bitplan's best candidate: best mean rank over budgets and metrics (ties share the rank)
+    # --- what a user gets: allocate() with the default grid, the old default, + refine
+    user_rows(ctx, task, st, budgets, add, log, refine or {})
+    cands += ["bitplan_default"]
+
+    # --- pick bitplan's best candidate: best mean rank over budgets and metrics (ties share the rank),
+    # ranked on the VALIDATION split (test metrics never choose)
     ranks = {c: [] for c in cands}
     for b in budgets:
         for m in task.metrics:
             hb = task.higher_better[m]
-            vals = {r["method"]: r["metrics"][m] for r in rows
-                    if r["budget_bits"] == b and r["method"] in cands and r["metrics"]}
+            vals = {c: v[m] for c in cands if (c, b) in plans
+                    for v in [ev.validation(plans[c, b]) or {}] if m in v}
             for c, v in vals.items():
                 ranks[c].append(sum((w > v) if hb else (w < v) for w in vals.values()))
     full = len(budgets) * len(task.metrics)
@@ -265,12 +299,70 @@ def run_task(name: str, quick: bool, work: str, seed: int, log) -> dict:
            "fp32": fp, "fp32_bytes": int(sum(p.numel() * p.element_size() for p in task.model.parameters())
                                          + sum(b.numel() * b.element_size() for b in task.model.buffers())),
            "base_bytes": base, "layers": len(graph.layers), "budgets": {str(k): v for k, v in budgets.items()},
-           "rows": rows, "bitplan_candidates": ranked, "bitplan_best": best, "scoring": scoring,
+           "rows": rows, "bitplan_candidates": ranked, "bitplan_best": best,
+           "bitplan_best_chosen_on": "validation" if task.validate is not None else "test (no validation split)",
+           "validation": {f"{c}@{b}": ev.validation(plans[c, b]) for c in cands for b in budgets if (c, b) in plans},
+           "scoring": scoring,
            "size_mismatches": ev.size_mismatch, "packed_vs_fake_max_abs_diff": packed_check,
            "eval_seconds": ev.seconds, "distinct_plans": len(ev.cache), "packed_plans": ev.packed_plans, "info": task.info,
            "settings": st, "seconds": time.perf_counter() - t_task}
     log(f"[{name}] done in {out['seconds']:.0f} s; best bitplan candidate {best}")
     return out
+
+
+def user_rows(ctx, task, st, budgets, add, log, refine: dict) -> None:
+    """Rows ``bitplan_default`` (allocate with its defaults), ``bitplan_old_default`` (round 1's grid)
+    and ``bitplan_refine`` (the default plan + refine) — see the module docstring."""
+    import bitplan
+    from bitplan.core.spec import QuantSpec
+    from bitplan.options import DEFAULTS, resolve_options
+    from bitplan.scoring import scored_table
+    calib = ctx.estimator_calib.get("hessian", ctx.calib)
+    hopts = st["opts"]["hessian"]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)         # "no real kernel on this CPU" notes
+        table = scored_table(task.model, calib, resolve_options(ctx.graph), ctx.graph, "hessian",
+                             loss_fn=task.loss_fn, seed=ctx.seed, sensitivity_opts=hopts, quiet=True)
+    score_s = time.perf_counter() - t0
+    grid = f"bits {DEFAULTS['bits']} x group {DEFAULTS['group_size']}, {DEFAULTS['quant_method']}"
+    old = [QuantSpec(b) for b in (2, 3, 4, 8)]
+    old_table = hessian_with_specs(ctx, old)
+    defaults = {}
+    for b, budget in budgets.items():
+        for key, tab, kw, s_s, note in (("bitplan_default", table, {}, score_s, grid),
+                                        ("bitplan_old_default", old_table.table, {"bits": (2, 3, 4, 8), "group_size": None},
+                                         old_table.seconds, "bits (2, 3, 4, 8), per channel")):
+            t1 = time.perf_counter()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    plan = bitplan.allocate(task.model, budget_mb=budget / 1e6, calib_data=calib, loss_fn=task.loss_fn,
+                                            sensitivity_table=tab, seed=ctx.seed, **kw)
+            except bitplan.InfeasibleBudgetError as e:
+                add(key, key, b, None, s_s, time.perf_counter() - t1, "infeasible", note=str(e)[:120])
+                continue
+            add(key, key, b, plan, s_s, time.perf_counter() - t1, note=note)
+            if key == "bitplan_default":
+                defaults[b] = plan
+    log(f"[{task.name}] default / old default done (default table {score_s:.1f} s)")
+    if task.name not in refine.get("tasks", ()):
+        return
+    for b in refine.get("bits", ()):
+        if b not in defaults:
+            continue
+        t1 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            plan = bitplan.refine(task.model, defaults[b], ctx.calib, task.loss_fn, seconds=refine["seconds"],
+                                  table=table, seed=ctx.seed)
+        wall = time.perf_counter() - t1
+        rec = plan.solver.get("refine", {})
+        add("bitplan_refine", "bitplan_default + refine", b, plan, score_s, wall,
+            note=f"refine {refine['seconds']:.0f} s limit",
+            extra={"refine": {k: rec.get(k) for k in ("start_measured", "measured", "gain", "additivity_gap",
+                                                      "stopped", "candidates", "source", "seconds")}})
+        log(f"[{task.name}] refine at uniform-{b}: {wall:.0f} s")
 
 
 def _meta_summary(table) -> dict:
@@ -291,6 +383,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on the shared 2-core box, 2 threads ran MiniLM ~5x slower)")
+    ap.add_argument("--refine-tasks", nargs="*", default=["minilm", "charlm"],
+                    help="tasks that get the bitplan_refine row (default: minilm charlm)")
+    ap.add_argument("--refine-bits", type=int, nargs="*", default=[3, 5],
+                    help="budgets (uniform-b sizes) at which the default plan is refined (default: 3 5)")
+    ap.add_argument("--refine-seconds", type=float, default=None,
+                    help="refine time limit per plan (wall s; default 120, --quick 10)")
     ap.add_argument("--report-only", action="store_true",
                     help="re-write RESULTS.md and the PNGs from <out>/results.json without re-running")
     args = ap.parse_args(argv)
@@ -308,10 +406,14 @@ def main(argv=None) -> int:
         print(f"{time.perf_counter() - t0:7.1f}s {msg}", flush=True)
     results = []
     for name in tasks:
-        results.append(run_task(name, args.quick, args.work, args.seed, log))
+        results.append(run_task(name, args.quick, args.work, args.seed, log,
+                                {"tasks": args.refine_tasks, "bits": args.refine_bits,
+                                 "seconds": args.refine_seconds or (10.0 if args.quick else 120.0)}))
         with open(os.path.join(args.out, "results.json"), "w") as f:      # partial results survive a kill
             json.dump({"tasks": results}, f, indent=1, default=float)
-    env = {"quick": args.quick, "seconds": time.perf_counter() - t0, "threads": args.threads,
+    from provenance import provenance
+    env = {**provenance(), "loadavg": os.getloadavg(),
+           "quick": args.quick, "seconds": time.perf_counter() - t0, "threads": args.threads,
            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])}

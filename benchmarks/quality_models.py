@@ -45,6 +45,8 @@ class Task:
     higher_better: dict[str, bool]
     units: str = "KB"                        # size unit of the tables: "KB" (1e3 B) or "MB" (1e6 B)
     info: dict = field(default_factory=dict)
+    validate: Callable[[nn.Module], dict] | None = None   # same metrics on a validation split, disjoint
+    #                                                       from calibration and test: selects bitplan_best
 
 
 # ----------------------------------------------------------------------------- training cache
@@ -129,13 +131,19 @@ def _load_digits(work: str, arch: str, quick: bool) -> Task:
     # calibration: 4 batches of 64 training images (labels unused: label-free KL to the fp model)
     calib = [Xtr[i * 64:(i + 1) * 64] for i in range(4)]
 
-    @torch.no_grad()
-    def evaluate(m):
-        logits = m(Xte)
-        return {"accuracy": float((logits.argmax(1) == yte).float().mean()),
-                "cross_entropy": float(F.cross_entropy(logits, yte))}
-    return Task(f"digits_{arch}", model, calib, "kl", evaluate, ["accuracy", "cross_entropy"],
-                {"accuracy": True, "cross_entropy": False}, "KB", info)
+    # held-out images: the first 180 validate (choose bitplan_best), the other 360 test
+    n_val = 180
+
+    def metrics(X, y):
+        @torch.no_grad()
+        def run(m):
+            logits = m(X)
+            return {"accuracy": float((logits.argmax(1) == y).float().mean()),
+                    "cross_entropy": float(F.cross_entropy(logits, y))}
+        return run
+    info = {**info, "test_n": len(Xte) - n_val, "val_n": n_val}
+    return Task(f"digits_{arch}", model, calib, "kl", metrics(Xte[n_val:], yte[n_val:]), ["accuracy", "cross_entropy"],
+                {"accuracy": True, "cross_entropy": False}, "KB", info, metrics(Xte[:n_val], yte[:n_val]))
 
 
 # ----------------------------------------------------------------------------- char LM
@@ -243,17 +251,23 @@ def _load_charlm(work: str, quick: bool) -> Task:
     calib = [_windows(tr, ctx, 16, g)[0] for _ in range(4)]          # 4 x (16, 64) training windows
     n_eval = 64 if quick else 256
     # held-out: non-overlapping consecutive windows from the start of the held-out text
-    n_eval = min(n_eval, (len(ho) - 1) // ctx)
-    xe = ho[:n_eval * ctx].view(n_eval, ctx)
-    ye = ho[1:n_eval * ctx + 1].view(n_eval, ctx)
+    # validation (chooses bitplan_best): the next n_eval // 2 windows after the test windows
+    n_val = n_eval // 2
+    n_eval = min(n_eval, (len(ho) - 1) // ctx - n_val)
 
-    @torch.no_grad()
-    def evaluate(m):
-        ce = sum(float(F.cross_entropy(m(x).flatten(0, 1), y.flatten(), reduction="sum"))
-                 for x, y in zip(xe.split(64), ye.split(64))) / ye.numel()
-        return {"perplexity": math.exp(ce)}
-    info = {**info, "eval_chars": int(ye.numel())}
-    return Task("charlm", model, calib, "kl", evaluate, ["perplexity"], {"perplexity": False}, "KB", info)
+    def perplexity(start, n):
+        xe = ho[start * ctx:(start + n) * ctx].view(n, ctx)
+        ye = ho[start * ctx + 1:(start + n) * ctx + 1].view(n, ctx)
+
+        @torch.no_grad()
+        def run(m):
+            ce = sum(float(F.cross_entropy(m(x).flatten(0, 1), y.flatten(), reduction="sum"))
+                     for x, y in zip(xe.split(64), ye.split(64))) / ye.numel()
+            return {"perplexity": math.exp(ce)}
+        return run
+    info = {**info, "eval_chars": n_eval * ctx, "val_chars": n_val * ctx}
+    return Task("charlm", model, calib, "kl", perplexity(0, n_eval), ["perplexity"], {"perplexity": False}, "KB",
+                info, perplexity(n_eval, n_val))
 
 
 # ----------------------------------------------------------------------------- MiniLM
@@ -265,29 +279,37 @@ def _load_minilm(work: str, quick: bool) -> Task:
     if quick:
         held = held[:48]
     # batches of similar length (less padding = faster; pooling masks padding, so results are equal)
-    order = sorted(range(len(held)), key=lambda i: len(tok(held[i])["input_ids"]))
-    eval_batches = text_batches(tok, [held[i] for i in order], batch_size=32)
+    n_calib = sum(len(b["input_ids"]) for b in spec.calib_data)
+    # validation (chooses bitplan_best): the shipped calibration sentences that calibration did not use
+    val = sentences("calib")[n_calib:]
     model = spec.model
     for p in model.parameters():
         p.requires_grad_(False)
 
-    @torch.no_grad()
-    def embed(m):
-        return torch.cat([m(**b) for b in eval_batches])       # (n, 384) unit vectors
+    def metrics(texts):
+        # batches of similar length (less padding = faster; pooling masks padding, so results are equal)
+        order = sorted(range(len(texts)), key=lambda i: len(tok(texts[i])["input_ids"]))
+        batches = text_batches(tok, [texts[i] for i in order], batch_size=32)
 
-    ref = embed(model)
-    k = 5
-    ref_top = (ref @ ref.T).fill_diagonal_(-2).topk(k, dim=1).indices        # (n, 5)
+        @torch.no_grad()
+        def embed(m):
+            return torch.cat([m(**b) for b in batches])       # (n, 384) unit vectors
 
-    @torch.no_grad()
-    def evaluate(m):
-        e = embed(m)
-        top = (e @ e.T).fill_diagonal_(-2).topk(k, dim=1).indices
-        agree = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top, ref_top)) / (k * len(e))
-        return {"cosine": float(F.cosine_similarity(e, ref, dim=-1).mean()), "top5_agreement": agree}
-    return Task("minilm", model, spec.calib_data, None, evaluate, ["cosine", "top5_agreement"],
+        ref = embed(model)
+        k = 5
+        ref_top = (ref @ ref.T).fill_diagonal_(-2).topk(k, dim=1).indices        # (n, 5)
+
+        @torch.no_grad()
+        def run(m):
+            e = embed(m)
+            top = (e @ e.T).fill_diagonal_(-2).topk(k, dim=1).indices
+            agree = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top, ref_top)) / (k * len(e))
+            return {"cosine": float(F.cosine_similarity(e, ref, dim=-1).mean()), "top5_agreement": agree}
+        return run
+    return Task("minilm", model, spec.calib_data, None, metrics(held), ["cosine", "top5_agreement"],
                 {"cosine": True, "top5_agreement": True}, "MB",
-                {"heldout_sentences": len(held), "calib_sentences": sum(len(b["input_ids"]) for b in spec.calib_data)})
+                {"heldout_sentences": len(held), "calib_sentences": n_calib, "val_sentences": len(val)},
+                metrics(val) if len(val) >= 16 else None)
 
 
 TASKS = {"minilm": _load_minilm, "digits_cnn": lambda w, q: _load_digits(w, "cnn", q),

@@ -6,6 +6,7 @@ import os
 __all__ = ["write_report", "compare", "plot_frontier"]
 
 ORDER = ["uniform", "random_mean", "random_worst", "hawq_v3", "modelopt", "lwq_lim", "lwq_zd", "calibtip"]
+USER = ["bitplan_old_default", "bitplan_default", "bitplan_refine"]     # what allocate() gives a user
 ANCHORS = {"hawq_v3": "HAWQ-V3", "modelopt": "ModelOpt-Fisher", "lwq_lim": "LWQ-LIM", "lwq_zd": "LWQ-ZD",
            "calibtip": "CalibTIP"}
 TASK_DOC = {
@@ -52,7 +53,8 @@ def _methods(res):
         if r["method"] not in seen:
             seen.append(r["method"])
     cands = [m for m in seen if m.startswith("bitplan[")]
-    return [m for m in ORDER if m in seen] + cands + (["bitplan_best"] if "bitplan_best" in seen else [])
+    user = [m for m in USER if m in seen]
+    return [m for m in ORDER if m in seen] + cands + user + (["bitplan_best"] if "bitplan_best" in seen else [])
 
 
 def _row(res, method, b):
@@ -238,9 +240,13 @@ def write_report(results: list[dict], env: dict, out: str) -> None:
          "ModelOpt-Fisher = `fisher` + ILP; LWQ = rank-and-cut on `lim`/`zd` importance with two levels "
          "((2,4) below u4, (4,8) from u4 on); CalibTIP = `measured` + ILP; all anchors per-channel, options "
          "{2,3,4,6,8} except HAWQ-V3. bitplan candidates: an estimator + ILP over {2,3,4,6,8} × {per-channel, "
-         "group g}; **bitplan best** is the candidate with the best mean rank over all budgets and metrics — "
-         "selected on the same held-out data it is reported on (an optimistic choice among "
-         f"{len(results[0].get('bitplan_candidates', {})) if results else 0} candidates; all candidates are listed).", ""]
+         "group g}; **bitplan best** is the candidate with the best mean rank over all budgets and metrics on a "
+         "VALIDATION split (disjoint from calibration and from the test data the tables report; chosen among "
+         f"{len(results[0].get('bitplan_candidates', {})) if results else 0} candidates; all are listed). "
+         "`bitplan_default` is `bitplan.allocate` with its defaults (bits {2,3,4,5,6,8} × {per channel, group 128}, "
+         "hessian); `bitplan_old_default` the round-1 grid (bits {2,3,4,8}, per channel, same traces); "
+         "`bitplan_refine` the default plan after `bitplan.refine` (joint search measuring whole plans on the "
+         "calibration data; its time limit is in the note).", ""]
     notes = os.path.join(out, "ANALYSIS.md")        # hand-written reading of the committed run
     if os.path.exists(notes):
         with open(notes) as f:

@@ -89,7 +89,8 @@ def main(argv=None):
     from bitplan.core.graph import find_layers, layer_weight_2d
     from bitplan.kernels.calibstats import gather_stats
     from bitplan.kernels.quantizer import fake_quantize, quantize, dequantize
-    from bitplan.models import embed, load_model
+    from bitplan.evaluate import embed
+    from bitplan.models import load_model
 
     bits_list = [int(b) for b in args.bits.split(",")]
     groups = parse_groups(args.group_size)

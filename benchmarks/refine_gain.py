@@ -87,7 +87,7 @@ def enumerate_optimum(task, graph, opts, budget_mb, limit=5000):
     """(measured optimum, number of feasible plans) over EVERY plan of a small model, else None."""
     import itertools
     from bitplan.costmodels import MB, base_nbytes, cost_table
-    from bitplan.refine_eval import PlanMeter
+    from bitplan.joint.meter import PlanMeter
     rows = [np.flatnonzero(opts.allowed[i]) for i in range(len(graph.names))]
     if np.prod([len(r) for r in rows], dtype=float) > limit:
         return None

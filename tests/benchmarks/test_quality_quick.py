@@ -14,7 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "quality.py")
 METHODS = ["uniform", "random_mean", "random_worst", "hawq_v3", "modelopt", "lwq_lim", "lwq_zd", "calibtip",
-           "bitplan_best"]
+           "bitplan_default", "bitplan_old_default", "bitplan_best"]
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +61,26 @@ def test_packed_sizes_respect_budgets(quick):
         for r in t["rows"]:
             if r["method"] == "uniform":         # the budget IS uniform's packed size
                 assert r["size_bytes"] == r["budget_bytes"]
+
+
+def test_user_rows_refine_and_validation_choice(quick):
+    """The default-allocate rows are packed within budget; refine ran on the char LM (never worse on
+    its own calibration measurement); bitplan_best was chosen on the validation split; the README
+    block renders from these results."""
+    import importlib.util
+    out, res = quick
+    charlm = next(t for t in res["tasks"] if t["task"] == "charlm")
+    ref = [r for r in charlm["rows"] if r["method"] == "bitplan_refine"]
+    assert ref and all(r["size_bytes"] <= r["budget_bytes"] * (1 + 1e-6) for r in ref)
+    assert all(r["refine"]["measured"] <= r["refine"]["start_measured"] for r in ref)
+    for t in res["tasks"]:
+        assert t["bitplan_best_chosen_on"] == "validation"
+        assert t["validation"] and all(v for v in t["validation"].values())
+        for r in t["rows"]:
+            if r["method"] in ("bitplan_default", "bitplan_old_default") and r["metrics"]:
+                assert r["size_source"] == "packed" and r["size_bytes"] <= r["budget_bytes"] * (1 + 1e-6)
+    spec = importlib.util.spec_from_file_location("readme_numbers", os.path.join(ROOT, "benchmarks", "readme_numbers.py"))
+    rn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rn)
+    text = rn.quality(res)
+    assert "**default**" in text and all(t["task"] in text for t in res["tasks"])

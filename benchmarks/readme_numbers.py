@@ -1,0 +1,138 @@
+"""The README's numbers, generated from the committed results files — never typed by hand.
+
+Every measured number in the README sits between ``<!-- numbers:NAME -->`` and
+``<!-- /numbers:NAME -->``; the block is what ``SECTIONS[NAME](results)`` renders from
+``benchmarks/results/<file>``. ``tests/test_readme.py`` regenerates every block and fails when the
+README differs, so a re-run benchmark whose README was not updated (or a hand-edited number) fails CI.
+
+    python benchmarks/readme_numbers.py            # rewrite the blocks in README.md from the results
+    python benchmarks/readme_numbers.py --check    # exit 1 and show the first difference
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+BLOCK = re.compile(r"<!-- numbers:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /numbers:(?P=name) -->", re.S)
+
+
+def _load(name: str) -> dict:
+    with open(os.path.join(RESULTS, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _commit(d: dict) -> str:
+    c = d.get("commit") or d.get("env", {}).get("commit") or {}
+    cmd = d.get("command") or d.get("env", {}).get("command", "?")
+    sha = (c.get("sha") or "?")[:10]
+    return f"`{cmd}` at commit {sha}{' (uncommitted changes)' if c.get('dirty') else ''}"
+
+
+def _metric(v, m):
+    return "—" if v is None else (f"{v:.5f}" if m == "cosine" else f"{v:.4f}" if m == "accuracy" else f"{v:.3f}")
+
+
+def quality(d=None) -> str:
+    """Primary metric per budget: uniform, round-1 default, default allocate, + refine, best anchor."""
+    d = d or _load("results.json")
+    out = [f"From {_commit(d)}; test split; sizes are real packed bytes.", ""]
+    for t in d["tasks"]:
+        m, hb, u = t["metrics"][0], t["higher_better"][t["metrics"][0]], t["units"]
+        scale = 1e6 if u == "MB" else 1e3
+        rows = {(r["method"], r["budget_bits"]): r for r in t["rows"]}
+        anchors = ["hawq_v3", "modelopt", "lwq_lim", "lwq_zd", "calibtip"]
+        cols = [("uniform", "uniform"), ("bitplan_old_default", "round-1 default"),
+                ("bitplan_default", "**default**"), ("bitplan_refine", "default + refine")]
+        out += [f"**{t['task']}** ({m}, {'higher' if hb else 'lower'} is better; fp32 {_metric(t['fp32'][m], m)})", "",
+                f"| budget ({u}) | " + " | ".join(c[1] for c in cols) + " | best anchor | bitplan best* |",
+                "|---|" + "---|" * (len(cols) + 2)]
+        for b in sorted({r["budget_bits"] for r in t["rows"]}):
+            cells = []
+            for key, _ in cols:
+                r = rows.get((key, b))
+                cells.append(_metric(r["metrics"][m], m) if r and r["metrics"] else "")
+            an = [(rows[a, b]["metrics"][m], a) for a in anchors if (a, b) in rows and rows[a, b]["metrics"]]
+            best_a = (max if hb else min)(an) if an else None
+            bb = rows.get(("bitplan_best", b))
+            out.append(f"| u{b} = {t['budgets'][str(b)] / scale:.3f} | " + " | ".join(cells)
+                       + f" | {_metric(best_a[0], m) + ' ' + best_a[1] if best_a else '—'}"
+                       + f" | {_metric(bb['metrics'][m], m) if bb and bb['metrics'] else '—'} |")
+        out += ["", f"\\* bitplan best = `{t.get('bitplan_best')}`, chosen on the "
+                    f"{t.get('bitplan_best_chosen_on', 'test')} split.", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def refine(d=None) -> str:
+    """Calibration-loss reduction of refine over the ILP plan, held-out metric before -> after."""
+    d = d or _load("refine_gain.json")
+    out = [f"From {_commit(d)} ({d['seconds']:.0f} s limit per plan, shared 2-core CPU).", "",
+           "| task | avg bits | calib loss reduction | held-out reduction | held-out metric: ILP → refined |",
+           "|---|---|---|---|---|"]
+    for t in d["tasks"]:
+        for r in t["rows"]:
+            ms = " ".join(f"{k} {_metric(v, k)} → {_metric(r['refined']['metrics'][k], k)}"
+                          for k, v in r["ilp"]["metrics"].items())
+            out.append(f"| {t['task']} | {r['avg_bits']:g} | {r['calib_reduction'] * 100:.1f} % | "
+                       f"{r['heldout_reduction'] * 100:.1f} % | {ms} |")
+    return "\n".join(out) + "\n"
+
+
+def methods(d=None) -> str:
+    """Whole-model cosine (every layer quantized by one method) and quantization time per method."""
+    d = d or _load("quantizer_methods.json")
+    names = ["rtn", "clip", "awq", "gptq", "awq_gptq"]
+    out = [f"From {_commit(d)}; MiniLM, {d['calib_sentences']} calibration sentences, every layer at the "
+           "configuration below, held-out cosine to fp32 (time: all layers, 1 thread).", "",
+           "| weights | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in d["results"]:
+        lab = f"w{r['bits']}" + (f"g{r['group_size']}" if r["group_size"] else " per channel")
+        out.append(f"| {lab} | " + " | ".join(
+            f"{r['methods'][n]['summary']['cosine']:.4f} ({r['methods'][n]['summary']['time_s_total']:.1f} s)"
+            for n in names if n in r["methods"]) + " |")
+    return "\n".join(out) + "\n"
+
+
+SECTIONS = {"quality": quality, "refine": refine, "methods": methods}
+
+
+def render(readme: str) -> str:
+    """``readme`` with every numbers block regenerated."""
+    def sub(mt):
+        name = mt.group("name")
+        if name not in SECTIONS:
+            raise ValueError(f"README block numbers:{name} has no generator; known: {sorted(SECTIONS)}")
+        return f"<!-- numbers:{name} -->\n{SECTIONS[name]()}<!-- /numbers:{name} -->"
+    return BLOCK.sub(sub, readme)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 when README differs")
+    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    args = ap.parse_args(argv)
+    with open(args.readme, encoding="utf-8") as f:
+        old = f.read()
+    new = render(old)
+    if args.check:
+        if new != old:
+            a, b = old.splitlines(), new.splitlines()
+            i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            print(f"README.md line {i + 1} differs from the results:\n  README:  {a[i] if i < len(a) else ''}\n"
+                  f"  results: {b[i] if i < len(b) else ''}")
+            return 1
+        return 0
+    tmp = args.readme + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(new)
+    os.replace(tmp, args.readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
