@@ -397,6 +397,8 @@ def main(argv=None) -> int:
             saved = json.load(f)
         write_report(saved["tasks"], saved["env"], args.out)
         return 0
+    from provenance import provenance
+    prov = provenance()                  # at the start: the code that runs, not the tree at the end
     torch.set_num_threads(args.threads)
     tasks = args.tasks or (["digits_mlp", "charlm"] if args.quick else ["digits_mlp", "digits_cnn", "charlm", "minilm"])
     os.makedirs(args.out, exist_ok=True)
@@ -411,8 +413,7 @@ def main(argv=None) -> int:
                                  "seconds": args.refine_seconds or (10.0 if args.quick else 120.0)}))
         with open(os.path.join(args.out, "results.json"), "w") as f:      # partial results survive a kill
             json.dump({"tasks": results}, f, indent=1, default=float)
-    from provenance import provenance
-    env = {**provenance(), "loadavg": os.getloadavg(),
+    env = {**prov, "loadavg": os.getloadavg(),
            "quick": args.quick, "seconds": time.perf_counter() - t0, "threads": args.threads,
            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
