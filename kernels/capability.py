@@ -141,6 +141,25 @@ def w8a8_cpu_path() -> W8A8Path:
     return W8A8Path(None, 127, f"{why8}; 7-bit activations also failed the exactness probe")
 
 
+@lru_cache(None)
+def int8pack_k_multiple() -> int:
+    """The K multiple ``torch._weight_int8pack_mm`` reads safely on this CPU.
+
+    Its x86 kernels load activations with ALIGNED vector loads, row by row: the AVX512 kernel 16 bf16
+    values (32 bytes) per step, the AVX2 kernel 8 (16 bytes); a row length K that is not a multiple
+    makes the next row's loads misaligned (SIGSEGV for M > 1) or read past the row (wrong numbers for
+    M = 1). Measured with torch 2.13: K = 8, 24, 40 ... crash on an AVX512 CPU and pass on an AVX2 one
+    (benchmarks/kernel_constraints.py). The ISA is the one torch dispatches to
+    (``torch.backends.cpu.get_cpu_capability()``, which honours ``ATEN_CPU_CAPABILITY``); anything
+    not AVX2-class is given the AVX512 rule, the stricter one.
+    """
+    try:
+        isa = str(torch.backends.cpu.get_cpu_capability())
+    except Exception:
+        isa = "unknown"
+    return 8 if isa in ("AVX2", "DEFAULT") or isa.startswith("SVE") or isa == "NEON" else 16
+
+
 def cpu_capability() -> dict:
     """JSON-able summary for results files and reports: CPU name, architecture, torch's ISA level,
     the ISA flags that decide int8 kernels, and the W8A8 path chosen here.
@@ -159,4 +178,5 @@ def cpu_capability() -> dict:
             "arch": platform.machine(), "torch_isa": isa, "torch_version": torch.__version__,
             "int8_dot": any(flags.get(f) for f in INT8_DOT_FLAGS),
             "flags": [f for f in _REPORTED if flags.get(f)], "flags_source": flags.get("source", "none"),
-            "w8a8_cpu": path.impl, "w8a8_act_qmax": path.act_qmax, "w8a8_reason": path.reason}
+            "w8a8_cpu": path.impl, "w8a8_act_qmax": path.act_qmax, "w8a8_reason": path.reason,
+            "int8pack_k_multiple": int8pack_k_multiple()}

@@ -15,8 +15,10 @@ fp16            fp16 weight cast to the activation dtype     same
 Shape constraints of the ops, found by sweeping M, K, N in crash-isolated processes
 (``benchmarks/kernel_constraints.py``; results in ``benchmarks/results/kernel_constraints.json``) and
 encoded in each kernel's ``supports()`` so other shapes take the reference path:
-- ``_weight_int8pack_mm`` (CPU): K % 8 == 0 — otherwise a segfault for M > 1 and wrong numbers for
-  M = 1; any N, any M (0 included); the input's last dim must be contiguous (forward makes it so).
+- ``_weight_int8pack_mm`` (CPU): K % 16 == 0 where torch dispatches its AVX512 kernel, K % 8 == 0 on
+  AVX2 (``capability.int8pack_k_multiple``: aligned row loads) — otherwise a segfault for M > 1 and
+  wrong numbers for M = 1; any N, any M (0 included); the input must be contiguous and 64-byte
+  aligned (forward copies a misaligned view).
 - ``_weight_int4pack_mm_for_cpu`` + ``_convert_weight_to_int4pack_for_cpu``: N % 16 == 0, group in
   {32, 64, 128, 256}, K % group == 0 (each a clean RuntimeError otherwise); input contiguous.
 - ``onednn.qlinear_prepack`` / ``qlinear_pointwise``: no shape constraint found (M 0..33, K and N
@@ -55,7 +57,7 @@ import torch
 from torch import nn
 
 from .actquant import quantize_act, quantize_act_u8
-from .capability import W8A8_CPU_IMPLS, onednn_qlinear_available, w8a8_cpu_path
+from .capability import W8A8_CPU_IMPLS, int8pack_k_multiple, onednn_qlinear_available, w8a8_cpu_path
 from .formats import FP16_BITS, QuantSpec, weight_nbytes
 from .lowbit import unpack_fast
 from .packed import FP16Layer, PackedLayer, layer_geometry
@@ -124,8 +126,9 @@ class Int8WeightOnly(_KernelLinear):
             return "activations must not be quantized (act_bits=8 is W8A8)"
         if n_groups(k, spec.group_size) != 1:
             return f"needs one scale per output channel (group_size={spec.group_size}, K={k})"
-        if k % 8:      # K % 8 != 0: segfault for M > 1, wrong numbers for M = 1 (benchmarks/kernel_constraints.py)
-            return f"torch._weight_int8pack_mm needs K % 8 == 0 (K={k})"
+        mult = int8pack_k_multiple() if device == "cpu" else 8
+        if k % mult:   # segfault for M > 1, wrong numbers for M = 1 (benchmarks/kernel_constraints.py)
+            return f"torch._weight_int8pack_mm needs K % {mult} == 0 on this CPU (K={k})"
         if not has_op("_weight_int8pack_mm", device):
             return f"torch._weight_int8pack_mm has no {device} kernel in this torch build"
         return None
@@ -148,7 +151,10 @@ class Int8WeightOnly(_KernelLinear):
     def forward(self, x):
         n, k = self.shape2d
         x2 = x.reshape(-1, k)                                                     # (M, K)
-        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight_int8,
+        xb = x2.to(torch.bfloat16).contiguous()
+        if xb.data_ptr() % 64:             # the kernel's aligned loads need an aligned row start
+            xb = xb.clone()
+        y = torch._weight_int8pack_mm(xb, self.weight_int8,
                                       self.scales.reshape(-1).to(torch.bfloat16))  # (M, N) bf16
         y = y.float()
         if self.zeros is not None:
