@@ -124,9 +124,12 @@ def make_plan(ctx: Context, specs: list[QuantSpec], name: str, extra: dict | Non
 def solve_plan(ctx: Context, loss: np.ndarray, specs: list[QuantSpec], budget: float, name: str,
                solver: str = "ilp"):
     """ILP over the given columns under ``budget`` bytes (whole model); (Plan | None, seconds, status)."""
+    from bitplan.options import resolve_options
     t0 = time.perf_counter()
     size = size_table(ctx.graph.layers, specs)                                        # (L, S) bytes
-    prob = Problem(loss, {"size_bytes": size}, {"size_bytes": budget - ctx.base}, names=ctx.graph.names)
+    allowed = resolve_options(ctx.graph, options=specs).allowed       # e.g. no g32 where K % 32 != 0
+    prob = Problem(np.where(allowed, loss, 0.0), {"size_bytes": np.where(allowed, size, 0.0)},
+                   {"size_bytes": budget - ctx.base}, names=ctx.graph.names, allowed=allowed)
     try:
         sol = solve(prob, method=solver)
     except InfeasibleBudgetError:
