@@ -98,7 +98,50 @@ def methods(d=None) -> str:
     return "\n".join(out) + "\n"
 
 
-SECTIONS = {"quality": quality, "refine": refine, "methods": methods}
+def kernel_constraints(d=None) -> str:
+    """Per CPU measured: how often each raw op crashes / is wrong, and whether bitplan's supports() let
+    any such case through (violations must be 0 on every CPU)."""
+    files = [("kernel_constraints.json", None), ("kernel_constraints_avx512.json", None)]
+    out = ["| CPU (torch ISA) | W8A8 path | op | cases | crash | wrong | raise | supports() let through | refused although it works |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    cmds = []
+    for name, _ in files:
+        if not os.path.exists(os.path.join(RESULTS, name)):
+            continue
+        d = _load(name)
+        cap = d["cpu_capability"]
+        cmds.append(_commit(d))
+        for op, v in d["ops"].items():
+            if not v.get("kernel_checked"):
+                continue
+            st = v["status"]
+            out.append(f"| {cap['cpu']} ({cap['torch_isa']}) | {cap['w8a8_cpu']} | {op} | {v['cases']} | "
+                       f"{st.get('crash', 0)} | {st.get('wrong', 0)} | {st.get('raise', 0)} | "
+                       f"{v['violations'] if isinstance(v['violations'], int) else len(v['violations'])} | "
+                       f"{v['refused_ok'] if isinstance(v['refused_ok'], int) else len(v['refused_ok'])} |")
+    return "From " + "; ".join(cmds) + ".\n\n" + "\n".join(out) + "\n"
+
+
+def kernels(d=None) -> str:
+    """Speed of each kernel relative to fp32 dense at every shape and row count (median CPU time)."""
+    d = d or _load("kernels.json")
+    cells = d["calibration"]["cells"]
+    fp = {(c["n"], c["k"], c["m"]): c["median_us"] for c in cells if c["column"] == "fp32"}
+    cols = []
+    for c in cells:
+        if c["column"] not in cols and c["column"] != "fp32":
+            cols.append(c["column"])
+    out = [f"From {_commit(d)}; CPU {d['cpu_capability']['cpu']} ({d['cpu_capability']['torch_isa']}), "
+           f"{d['threads']} thread, {d['clock']} clock; speed-up over fp32 dense (>1 = faster).", "",
+           "| K×N | M | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for (n, k, m), t in sorted(fp.items(), key=lambda kv: (kv[0][1] * kv[0][0], kv[0][2])):
+        by = {c["column"]: c["median_us"] for c in cells if (c["n"], c["k"], c["m"]) == (n, k, m)}
+        out.append(f"| {k}×{n} | {m} | " + " | ".join(f"{t / by[c]:.2f}" if c in by else "—" for c in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+SECTIONS = {"quality": quality, "refine": refine, "methods": methods, "kernel_constraints": kernel_constraints,
+            "kernels": kernels}
 
 
 def render(readme: str) -> str:
