@@ -61,6 +61,8 @@ class ScoreContext:
     allowed: np.ndarray | None = None         # (L, B) bool: options each layer can take
 
     stats: dict | None = None                 # layer -> calibration statistics (AWQ / GPTQ options)
+    ranks: object = None                      # distributed.Ranks when scoring is spread over a process group
+    checkpoint: object = None                 # checkpoint.Checkpoint of a partially scored table
 
     def __post_init__(self):
         if self.allowed is None:
@@ -73,6 +75,15 @@ class ScoreContext:
             from ..kernels.calibstats import gather_stats
             fwd = self.loss_fn if callable(self.loss_fn) and not hasattr(self.loss_fn, "output") else None
             self.stats = gather_stats(self.model, self.batches, names=want, forward=fwd)
+
+    def run_cells(self, cells: list, fn: Callable, name: str = "cells") -> dict:
+        """``{cell: fn(cell)}`` for every cell (JSON-able values), spread over the ranks of the
+        process group and resumed from / saved to the checkpoint when there is one
+        (:func:`.distributed.run_cells`). ``fn`` must give the same value on any rank."""
+        from .distributed import run_cells
+        ck = self.checkpoint
+        return run_cells(cells, fn, self.ranks, done=ck.cells(name) if ck else None,
+                         on_round=(lambda out: ck.put_cells(out, name)) if ck else None, what=name)
 
     @property
     def names(self) -> list[str]:
@@ -207,12 +218,19 @@ def layer_weight_2d_of(w: torch.Tensor, kind: str) -> torch.Tensor:
 
 def score(model: torch.nn.Module, calib_data=None, method: str = "hessian", bits=(2, 3, 4, 8),
           loss_fn=None, seed: int = 0, group_size=None, symmetric=True, act_bits=None,
-          quant_method="rtn", options=None, graph: LayerGraph | None = None, **opts) -> Sensitivity:
+          quant_method="rtn", options=None, graph: LayerGraph | None = None, checkpoint=None,
+          timeout: float | None = None, **opts) -> Sensitivity:
     """Score every quantizable layer of ``model`` at every option; the model is not modified.
 
     Options are the product of ``bits``, ``group_size``, ``act_bits``, ``quant_method`` and
     ``symmetric`` (each a value or a tuple; ``core.spec.option_grid``), or the explicit ``options``
     (a sequence of QuantSpec). Options a layer cannot take are masked (``table.allowed``).
+
+    In an initialised ``torch.distributed`` process group, call it on every rank: the work is
+    spread over the ranks and every rank gets the same table (``.distributed``); ``timeout`` is how
+    many seconds a rank may lag the others before rank 0 stops with an error naming it (default
+    1800). ``checkpoint`` (a path) keeps the pieces scored so far, so an interrupted run resumes
+    (``.checkpoint``; removed when the table is complete).
 
     Example:
         >>> t = score(model, batches, method="hessian", bits=(2, 3, 4, 8), group_size=(None, 128))
@@ -241,7 +259,18 @@ def score(model: torch.nn.Module, calib_data=None, method: str = "hessian", bits
             batches = as_batches(calib_data)
             fn, desc = resolve_loss(loss_fn, work, batches)
             graph = graph or LayerGraph.build(work, batches[0], forward=fn if callable(loss_fn) else None)
-        ctx = ScoreContext(work, graph, batches, fn, specs, seed, desc)
+        from .distributed import current
+        ranks = current(timeout)                        # None without a process group
+        ckpt = None
+        if checkpoint is not None:
+            from .checkpoint import Checkpoint, content_digest
+            from .table import _jsonable
+            run = {"method": method, "names": graph.names, "options": [s.to_dict() for s in specs],
+                   "model_fingerprint": graph.fingerprint, "content": content_digest(work, batches),
+                   "settings": _jsonable({**opts, "seed": seed, "loss": desc, "batches": len(batches)})}
+            ckpt = Checkpoint(checkpoint, run, ranks)
+            ckpt.resume()
+        ctx = ScoreContext(work, graph, batches, fn, specs, seed, desc, ranks=ranks, checkpoint=ckpt)
         if not ctx.allowed.any(1).all():
             i = int(np.argmin(ctx.allowed.any(1)))
             why = option_mask([graph.layers[i]], specs)[1]
@@ -255,5 +284,10 @@ def score(model: torch.nn.Module, calib_data=None, method: str = "hessian", bits
         raise ValueError(f"{method} produced a non-finite sensitivity for {graph.names[i]} at option "
                          f"{specs[j].label} (NaN/inf in the loss or its gradients; check the model and data)")
     meta = {**meta, "seconds": time.perf_counter() - t0, "loss": desc, "batches": len(batches)}
+    if ranks is not None:
+        meta["world_size"] = ranks.world
+    if ckpt is not None:
+        meta["resumed"] = ckpt.resumed                # pieces read back from the checkpoint
+        ckpt.finish()
     return Sensitivity(graph.names, tuple(specs), np.maximum(loss, 0.0), method, ctx.allowed,
                        graph.fingerprint, meta)
