@@ -82,7 +82,7 @@ def fisher(ctx: ScoreContext, samples: int = 4, exact: bool = False):
                 h.remove()
         ys = [(i, x, y) for i, c in calls.items() for x, y in c if y.requires_grad]
         if not ys:
-            return out.tolist(), seen.tolist()
+            return out, seen
         if label_free:
             if exact:
                 k = t.numel()
@@ -110,15 +110,28 @@ def fisher(ctx: ScoreContext, samples: int = 4, exact: bool = False):
                     xq = fake_quantize_act(x, ctx.specs[j].act_bits)
                     dy = functional_call(mod, {"weight": qw[i][j]}, (xq,)) - y0
                     out[i, j] += 0.5 * float((d * dy.pow(2)).sum())
-        return out.tolist(), seen.tolist()
+        return out, seen
 
-    # batches spread over the ranks of a process group and checkpointed; summed in batch order
+    # rounds of one batch per rank of a process group, summed in batch order (as one process sums
+    # them: the same table bit for bit); the running sum is checkpointed after every round
+    nb, ck = len(ctx.batches), ctx.checkpoint
+    out, seen, nxt = np.zeros((L, B)), np.zeros(L, dtype=bool), 0
+    if ck is not None and "fisher" in ck.state:
+        st = ck.state["fisher"]
+        out, seen, nxt = np.array(st["sum"], dtype=np.float64), np.array(st["seen"], bool), int(st["next"])
+        ck.resumed += nxt
+    world, rank = (ctx.ranks.world, ctx.ranks.rank) if ctx.ranks is not None else (1, 0)
     with math_sdpa(), weights_require_grad(ctx):
-        parts = ctx.run_cells(list(range(len(ctx.batches))), one_batch, "batches")
-    out, seen = np.zeros((L, B)), np.zeros(L, dtype=bool)
-    for bi in range(len(ctx.batches)):
-        out += np.array(parts[bi][0], dtype=np.float64)
-        seen |= np.array(parts[bi][1], dtype=bool)
+        while nxt < nb:
+            block = list(range(nxt, min(nb, nxt + world)))
+            mine = one_batch(block[rank]) if rank < len(block) else None
+            parts = ctx.ranks.gather(mine, f"fisher batches {nxt}..{block[-1] + 1}") if world > 1 else [mine]
+            for o, s in parts[:len(block)]:
+                out += o
+                seen |= s
+            nxt += len(block)
+            if ck is not None:
+                ck.put("fisher", {"next": nxt, "sum": out.tolist(), "seen": seen.tolist()})
     if not seen.any():
         raise ValueError("no quantizable layer's output gets a gradient from the loss; "
                          "the loss does not depend on any quantizable layer")
