@@ -240,6 +240,8 @@ def score(model: torch.nn.Module, calib_data=None, method: str = "hessian", bits
         raise ValueError(f"unknown sensitivity method {method!r}; known: {sorted(ESTIMATORS)}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+        raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
     if options is not None:
         specs = list(options)
         if not specs or not all(isinstance(s, QuantSpec) for s in specs) or len(set(specs)) != len(specs):

@@ -173,6 +173,8 @@ def test_a_checkpoint_of_another_run_is_refused_naming_the_difference(tmp_path):
     with pytest.raises(ValueError, match="method"):
         score(mlp(), batches(), method="fisher", bits=BITS, loss_fn=task_loss, checkpoint=ck)
     assert ck.exists()                                           # refused, not overwritten
+    with pytest.raises(ValueError, match="timeout=0"):
+        score(mlp(), batches(), method="measured", bits=BITS, timeout=0)
 
 
 def test_torchrun_cli_plan_rank0_writes_the_one_process_table(tmp_path):
