@@ -7,7 +7,8 @@ CLI end to end, in interleaved rounds (the order of the two variants flips every
   2p   OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node=2 -m bitplan plan ...  (gloo)
 
 for M in measured and hessian. Reported per run: the command's wall time (model loading, scoring,
-solving, writing) and the scoring time alone (``meta.seconds`` of the sensitivity table rank 0
+solving, writing), the CPU seconds of all its processes (user + sys; model loading is repeated
+in every process) and the scoring time alone (``meta.seconds`` of the sensitivity table rank 0
 wrote: its own share plus waiting for the other rank). Speed-up = median(1p) / median(2p). Every
 2p table must equal the 1p table exactly and every plan must choose the same option per layer.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -59,14 +61,17 @@ def run_once(method: str, world: int, args, folder: str) -> dict:
         cmd = [sys.executable, *cli]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     load0 = os.getloadavg()[0]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     table = json.load(open(cache))
     layers = json.load(open(plan))["layers"]
-    return {"world": world, "wall_s": wall, "score_s": table["meta"]["seconds"],
+    return {"world": world, "wall_s": wall, "score_s": table["meta"]["seconds"], "cpu_s": cpu,
             "load_before": load0, "load_after": os.getloadavg()[0],
             "_loss": table["loss"], "_layers": layers, "probes": table["meta"].get("probes")}
 
@@ -95,7 +100,7 @@ def main():
             one = [x for x in runs if x["world"] == 1]
             two = [x for x in runs if x["world"] == 2]
             med = {k: {w: statistics.median(x[k] for x in g) for w, g in (("1p", one), ("2p", two))}
-                   for k in ("wall_s", "score_s")}
+                   for k in ("wall_s", "score_s", "cpu_s")}
             res["methods"][method] = {
                 "runs": [{k: v for k, v in x.items() if not k.startswith("_")} for x in runs],
                 "median": med,

@@ -136,8 +136,9 @@ class ScoreContext:
         """(L, B) ‖Q_b(W_l) − W_l‖² with the shared quantizer (0 where not allowed; input-aware where
         the layer's calibration statistics were gathered, see below), plus for ``act_bits`` options
         the weight-equivalent activation error (:meth:`act_delta_sq`)."""
-        out = np.zeros((len(self.names), len(self.specs)))
-        for i, n in enumerate(self.names):
+        def row(i):                           # (B,) of layer i
+            n = self.names[i]
+            r = [0.0] * len(self.specs)
             w = self.weight_2d(n).detach().float()
             st = (self.stats or {}).get(n)
             # with the layer's input statistics (gathered when calibrated methods are options), the
@@ -150,7 +151,15 @@ class ScoreContext:
                 if q is None:
                     continue
                 dw = layer_weight_2d_of(q, self.layer(n).kind) - w
-                out[i, j] = st.output_error(dw) * scale if st is not None else float(dw.pow(2).sum())
+                r[j] = float(st.output_error(dw) * scale) if st is not None else float(dw.pow(2).sum())
+            return r
+        L = len(self.names)
+        if self.ranks is not None:            # layers spread over the ranks (each row exact)
+            from .distributed import run_cells
+            rows = run_cells(list(range(L)), row, self.ranks, what="weight errors")
+        else:
+            rows = {i: row(i) for i in range(L)}
+        out = np.array([rows[i] for i in range(L)], dtype=np.float64).reshape(L, len(self.specs))
         if any(s.act_bits is not None for s in self.specs):
             out += self.act_delta_sq()
         return out
