@@ -55,6 +55,12 @@ def main(cfg_path):
     t0 = time.perf_counter()
     try:
         for job in cfg["jobs"]:
+            if job["method"] == "allocate":          # the whole public entry point on every rank
+                import bitplan
+                plan = bitplan.allocate(mlp(), budget_mb=job["budget_mb"], calib_data=batches(), bits=BITS,
+                                        group_size=None, sensitivity="measured", sensitivity_opts={"timeout": 60})
+                res["tables"][job["key"]] = {"layers": plan.to_dict()["layers"]}
+                continue
             loss_fn = failing_loss(rank, cfg.get("fail")) if job.get("task_loss") else None
             t = score(mlp(), batches(), method=job["method"], bits=BITS, loss_fn=loss_fn, seed=job.get("seed", 0),
                       checkpoint=cfg.get("checkpoint"), timeout=cfg.get("timeout", 60), **job.get("opts", {}))

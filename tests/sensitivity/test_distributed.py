@@ -83,8 +83,20 @@ def _reference(job, **kw):
 
 
 def test_two_ranks_give_the_one_process_tables_bit_for_bit(tmp_path):
-    res = _wait(_launch(tmp_path, {"jobs": JOBS}), tmp_path)
+    budget = 1.2e-4                                   # 120 bytes: a mixed plan (4 and 8 bits)
+    res = _wait(_launch(tmp_path, {"jobs": JOBS + [{"method": "allocate", "key": "plan", "budget_mb": budget}]}),
+                tmp_path)
     assert "error" not in res[0] and "error" not in res[1], res
+    import bitplan
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref_plan = bitplan.allocate(mlp(), budget_mb=budget, calib_data=batches(), bits=BITS, group_size=None,
+                                    sensitivity="measured")
+    finally:
+        torch.set_num_threads(n)
+    assert res[0]["tables"]["plan"]["layers"] == res[1]["tables"]["plan"]["layers"] == ref_plan.to_dict()["layers"]
+    assert len({v["bits"] for v in ref_plan.to_dict()["layers"].values()}) > 1
     for job in JOBS:
         ref = _reference(job)
         for r in (0, 1):
