@@ -2,6 +2,8 @@
 
 Estimators (one per file, registered by name): hessian (HAWQ-V3), fisher (ModelOpt auto_quantize),
 decoupled (MixDQ), lim / zd (Layer-wise Quantization), measured (CalibTIP / ExLlamaV2).
+Called on every rank of an initialised ``torch.distributed`` process group, ``score`` spreads the work
+over the ranks (``distributed``); ``checkpoint=`` keeps a partial table so a rerun resumes (``checkpoint``).
 
 Example:
     >>> from bitplan.sensitivity import score, load

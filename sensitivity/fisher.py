@@ -63,53 +63,75 @@ def fisher(ctx: ScoreContext, samples: int = 4, exact: bool = False):
     label_free = isinstance(ctx.loss_fn, LabelFreeLoss)
     if exact and not label_free:
         raise ValueError("exact=True needs the built-in label-free loss (loss_fn=None, 'kl' or 'mse')")
-    gen = torch.Generator().manual_seed(ctx.seed)
     L, B = len(ctx.names), len(ctx.specs)
     qw = [[ctx.quantized(i, j) for j in range(len(ctx.specs))] for i in range(len(ctx.names))]
-    out = np.zeros((L, B))
-    seen = np.zeros(L, dtype=bool)
-    with math_sdpa(), weights_require_grad(ctx):
-        for bi, batch in enumerate(ctx.batches):
-            calls, handles = _record(ctx)
-            try:
-                if label_free:                             # fp point: loss 0, only the output matters
-                    t = ctx.loss_fn.output(ctx.model, batch)
-                    _check(t, f"model output on batch {bi}")
-                else:
-                    loss = checked_loss(ctx, batch, bi)
-            finally:
-                for h in handles:
-                    h.remove()
-            ys = [(i, x, y) for i, c in calls.items() for x, y in c if y.requires_grad]
-            if not ys:
-                continue
-            if label_free:
-                if exact:
-                    k = t.numel()
-                    u = torch.eye(k, dtype=t.dtype).reshape((k,) + tuple(t.shape))
-                else:
-                    k = samples
-                    u = _rademacher((k,) + tuple(t.shape), gen)
-                w = ctx.loss_fn.hessian_sqrt(batch, u).to(t.dtype)
-                gs = _grad([t], [y for _, _, y in ys], [w], k, allow_unused=True)
-                diag = [None if g is None else (g.pow(2).sum(0) if exact else g.pow(2).mean(0)) for g in gs]
+
+    def one_batch(bi):
+        """(this batch's (L, B) contribution as lists, (L,) layers that got a gradient)."""
+        batch = ctx.batches[bi]
+        out, seen = np.zeros((L, B)), np.zeros(L, dtype=bool)
+        calls, handles = _record(ctx)
+        try:
+            if label_free:                             # fp point: loss 0, only the output matters
+                t = ctx.loss_fn.output(ctx.model, batch)
+                _check(t, f"model output on batch {bi}")
             else:
-                gs = torch.autograd.grad(loss, [y for _, _, y in ys], allow_unused=True)
-                nb = batch_size(batch)
-                diag = [None if g is None else nb * g.pow(2) for g in gs]
-            for (i, x, y), d in zip(ys, diag):
-                if d is None:
-                    continue
-                _check(d, f"output gradient of {ctx.names[i]}")
-                seen[i] = True
-                mod, y0 = ctx.module(ctx.names[i]), y.detach()
-                with torch.no_grad():
-                    for j in range(B):
-                        if qw[i][j] is None:            # an option this layer cannot take
-                            continue
-                        xq = fake_quantize_act(x, ctx.specs[j].act_bits)
-                        dy = functional_call(mod, {"weight": qw[i][j]}, (xq,)) - y0
-                        out[i, j] += 0.5 * float((d * dy.pow(2)).sum())
+                loss = checked_loss(ctx, batch, bi)
+        finally:
+            for h in handles:
+                h.remove()
+        ys = [(i, x, y) for i, c in calls.items() for x, y in c if y.requires_grad]
+        if not ys:
+            return out, seen
+        if label_free:
+            if exact:
+                k = t.numel()
+                u = torch.eye(k, dtype=t.dtype).reshape((k,) + tuple(t.shape))
+            else:
+                k = samples                            # one generator per batch: any rank draws the same
+                u = _rademacher((k,) + tuple(t.shape), torch.Generator().manual_seed(ctx.seed * 1_000_003 + bi))
+            w = ctx.loss_fn.hessian_sqrt(batch, u).to(t.dtype)
+            gs = _grad([t], [y for _, _, y in ys], [w], k, allow_unused=True)
+            diag = [None if g is None else (g.pow(2).sum(0) if exact else g.pow(2).mean(0)) for g in gs]
+        else:
+            gs = torch.autograd.grad(loss, [y for _, _, y in ys], allow_unused=True)
+            nb = batch_size(batch)
+            diag = [None if g is None else nb * g.pow(2) for g in gs]
+        for (i, x, y), d in zip(ys, diag):
+            if d is None:
+                continue
+            _check(d, f"output gradient of {ctx.names[i]}")
+            seen[i] = True
+            mod, y0 = ctx.module(ctx.names[i]), y.detach()
+            with torch.no_grad():
+                for j in range(B):
+                    if qw[i][j] is None:            # an option this layer cannot take
+                        continue
+                    xq = fake_quantize_act(x, ctx.specs[j].act_bits)
+                    dy = functional_call(mod, {"weight": qw[i][j]}, (xq,)) - y0
+                    out[i, j] += 0.5 * float((d * dy.pow(2)).sum())
+        return out, seen
+
+    # rounds of one batch per rank of a process group, summed in batch order (as one process sums
+    # them: the same table bit for bit); the running sum is checkpointed after every round
+    nb, ck = len(ctx.batches), ctx.checkpoint
+    out, seen, nxt = np.zeros((L, B)), np.zeros(L, dtype=bool), 0
+    if ck is not None and "fisher" in ck.state:
+        st = ck.state["fisher"]
+        out, seen, nxt = np.array(st["sum"], dtype=np.float64), np.array(st["seen"], bool), int(st["next"])
+        ck.resumed += nxt
+    world, rank = (ctx.ranks.world, ctx.ranks.rank) if ctx.ranks is not None else (1, 0)
+    with math_sdpa(), weights_require_grad(ctx):
+        while nxt < nb:
+            block = list(range(nxt, min(nb, nxt + world)))
+            mine = one_batch(block[rank]) if rank < len(block) else None
+            parts = ctx.ranks.gather(mine, f"fisher batches {nxt}..{block[-1] + 1}") if world > 1 else [mine]
+            for o, s in parts[:len(block)]:
+                out += o
+                seen |= s
+            nxt += len(block)
+            if ck is not None:
+                ck.put("fisher", {"next": nxt, "sum": out.tolist(), "seen": seen.tolist()})
     if not seen.any():
         raise ValueError("no quantizable layer's output gets a gradient from the loss; "
                          "the loss does not depend on any quantizable layer")

@@ -150,18 +150,36 @@ def hutchinson_traces(ctx: ScoreContext, tol: float = 0.05, min_probes: int = 8,
     nb = len(ctx.batches)
     rows, seen = [], np.zeros(len(ctx.names), dtype=bool)
     converged = False
+    ck = ctx.checkpoint
+    if ck is not None and "hessian" in ck.state:          # resume: probe rows done before
+        st = ck.state["hessian"]
+        rows, seen, converged = [np.array(r, dtype=np.float64) for r in st["rows"]], np.array(st["seen"], bool), \
+            bool(st["converged"])
+        ck.resumed += len(rows)
+    world, rank = (ctx.ranks.world, ctx.ranks.rank) if ctx.ranks is not None else (1, 0)
     with math_sdpa(), weights_require_grad(ctx) as params:
-        while len(rows) < max_probes:
-            k = min(probe_batch, max_probes - len(rows))
-            est, s = chunk(ctx, params, _probe_gens(ctx.seed, len(rows), k), nb)
-            rows.extend(est)
-            seen |= s
-            if len(rows) >= min_probes:
-                a = np.array(rows)
-                mean, se = a.mean(0), a.std(0, ddof=1) / np.sqrt(len(a))
-                if np.all((se <= tol * np.abs(mean)) | (se == 0) | ~seen):
-                    converged = True
-                    break
+        while not converged and len(rows) < max_probes:
+            # the next `world` probe chunks, sized as one process sizes them; rank r draws chunk r
+            # (one generator per probe: a probe's estimate does not depend on who computes it)
+            chunks, n = [], len(rows)
+            while len(chunks) < world and n < max_probes:
+                k = min(probe_batch, max_probes - n)
+                chunks.append((n, k))
+                n += k
+            mine = chunk(ctx, params, _probe_gens(ctx.seed, *chunks[rank]), nb) if rank < len(chunks) else None
+            parts = ctx.ranks.gather(mine, f"hessian probes {len(rows)}..{n}") if world > 1 else [mine]
+            for est, s in parts[:len(chunks)]:        # in probe order, one process's stopping rule
+                rows.extend(est)
+                seen |= s
+                if len(rows) >= min_probes:
+                    a = np.array(rows)
+                    mean, se = a.mean(0), a.std(0, ddof=1) / np.sqrt(len(a))
+                    if np.all((se <= tol * np.abs(mean)) | (se == 0) | ~seen):
+                        converged = True
+                        break
+            if ck is not None:
+                ck.put("hessian", {"rows": [r.tolist() for r in rows], "seen": seen.tolist(),
+                                   "converged": converged})
     a = np.array(rows)                                               # (probes, L)
     tr, se = a.mean(0), a.std(0, ddof=1) / np.sqrt(len(a))
     if not seen.any():

@@ -59,18 +59,28 @@ def one_at_a_time(ctx: ScoreContext, output_metrics=()) -> tuple[np.ndarray, dic
         if output_metrics and any(t is None for _, t in base):
             raise ValueError("output metrics need loss_fn to call the model itself (no output was seen)")
         L, B, nb = len(ctx.names), len(ctx.specs), len(ctx.batches)
+
+        def cell(c):                       # [Δloss, metric...] of one (layer, option) cell
+            i, j = c
+            v = [0.0] * (1 + len(output_metrics))
+            with ctx.perturbed(i, j):
+                for bi, batch in enumerate(ctx.batches):
+                    loss, t = run(bi, batch)
+                    v[0] += (loss - base[bi][0]) / nb
+                    for k, m in enumerate(output_metrics):
+                        v[1 + k] += OUTPUT_METRICS[m](t, base[bi][1]) / nb
+            return v
+
+        # cells spread over the ranks of a process group and checkpointed (ScoreContext.run_cells);
+        # each is computed exactly as in one process, so the table is identical bit for bit
+        cells = [(i, j) for i in range(L) for j in range(B) if ctx.allowed[i, j]]
+        vals = ctx.run_cells(cells, cell)
         dloss = np.zeros((L, B))
         mets = {m: np.zeros((L, B)) for m in output_metrics}
-        for i in range(L):
-            for j in range(B):
-                if not ctx.allowed[i, j]:
-                    continue
-                with ctx.perturbed(i, j):
-                    for bi, batch in enumerate(ctx.batches):
-                        loss, t = run(bi, batch)
-                        dloss[i, j] += (loss - base[bi][0]) / nb
-                        for m in output_metrics:
-                            mets[m][i, j] += OUTPUT_METRICS[m](t, base[bi][1]) / nb
+        for (i, j), v in vals.items():
+            dloss[i, j] = v[0]
+            for k, m in enumerate(output_metrics):
+                mets[m][i, j] = v[1 + k]
     finally:
         handle.remove()
     return dloss, mets, base_loss

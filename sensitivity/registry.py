@@ -61,6 +61,8 @@ class ScoreContext:
     allowed: np.ndarray | None = None         # (L, B) bool: options each layer can take
 
     stats: dict | None = None                 # layer -> calibration statistics (AWQ / GPTQ options)
+    ranks: object = None                      # distributed.Ranks when scoring is spread over a process group
+    checkpoint: object = None                 # checkpoint.Checkpoint of a partially scored table
 
     def __post_init__(self):
         if self.allowed is None:
@@ -73,6 +75,15 @@ class ScoreContext:
             from ..kernels.calibstats import gather_stats
             fwd = self.loss_fn if callable(self.loss_fn) and not hasattr(self.loss_fn, "output") else None
             self.stats = gather_stats(self.model, self.batches, names=want, forward=fwd)
+
+    def run_cells(self, cells: list, fn: Callable, name: str = "cells") -> dict:
+        """``{cell: fn(cell)}`` for every cell (JSON-able values), spread over the ranks of the
+        process group and resumed from / saved to the checkpoint when there is one
+        (:func:`.distributed.run_cells`). ``fn`` must give the same value on any rank."""
+        from .distributed import run_cells
+        ck = self.checkpoint
+        return run_cells(cells, fn, self.ranks, done=ck.cells(name) if ck else None,
+                         on_round=(lambda out: ck.put_cells(out, name)) if ck else None, what=name)
 
     @property
     def names(self) -> list[str]:
@@ -125,8 +136,9 @@ class ScoreContext:
         """(L, B) ‖Q_b(W_l) − W_l‖² with the shared quantizer (0 where not allowed; input-aware where
         the layer's calibration statistics were gathered, see below), plus for ``act_bits`` options
         the weight-equivalent activation error (:meth:`act_delta_sq`)."""
-        out = np.zeros((len(self.names), len(self.specs)))
-        for i, n in enumerate(self.names):
+        def row(i):                           # (B,) of layer i
+            n = self.names[i]
+            r = [0.0] * len(self.specs)
             w = self.weight_2d(n).detach().float()
             st = (self.stats or {}).get(n)
             # with the layer's input statistics (gathered when calibrated methods are options), the
@@ -139,7 +151,15 @@ class ScoreContext:
                 if q is None:
                     continue
                 dw = layer_weight_2d_of(q, self.layer(n).kind) - w
-                out[i, j] = st.output_error(dw) * scale if st is not None else float(dw.pow(2).sum())
+                r[j] = float(st.output_error(dw) * scale) if st is not None else float(dw.pow(2).sum())
+            return r
+        L = len(self.names)
+        if self.ranks is not None:            # layers spread over the ranks (each row exact)
+            from .distributed import run_cells
+            rows = run_cells(list(range(L)), row, self.ranks, what="weight errors")
+        else:
+            rows = {i: row(i) for i in range(L)}
+        out = np.array([rows[i] for i in range(L)], dtype=np.float64).reshape(L, len(self.specs))
         if any(s.act_bits is not None for s in self.specs):
             out += self.act_delta_sq()
         return out
@@ -207,12 +227,19 @@ def layer_weight_2d_of(w: torch.Tensor, kind: str) -> torch.Tensor:
 
 def score(model: torch.nn.Module, calib_data=None, method: str = "hessian", bits=(2, 3, 4, 8),
           loss_fn=None, seed: int = 0, group_size=None, symmetric=True, act_bits=None,
-          quant_method="rtn", options=None, graph: LayerGraph | None = None, **opts) -> Sensitivity:
+          quant_method="rtn", options=None, graph: LayerGraph | None = None, checkpoint=None,
+          timeout: float | None = None, **opts) -> Sensitivity:
     """Score every quantizable layer of ``model`` at every option; the model is not modified.
 
     Options are the product of ``bits``, ``group_size``, ``act_bits``, ``quant_method`` and
     ``symmetric`` (each a value or a tuple; ``core.spec.option_grid``), or the explicit ``options``
     (a sequence of QuantSpec). Options a layer cannot take are masked (``table.allowed``).
+
+    In an initialised ``torch.distributed`` process group, call it on every rank: the work is
+    spread over the ranks and every rank gets the same table (``.distributed``); ``timeout`` is how
+    many seconds a rank may lag the others before rank 0 stops with an error naming it (default
+    1800). ``checkpoint`` (a path) keeps the pieces scored so far, so an interrupted run resumes
+    (``.checkpoint``; removed when the table is complete).
 
     Example:
         >>> t = score(model, batches, method="hessian", bits=(2, 3, 4, 8), group_size=(None, 128))
@@ -222,6 +249,8 @@ def score(model: torch.nn.Module, calib_data=None, method: str = "hessian", bits
         raise ValueError(f"unknown sensitivity method {method!r}; known: {sorted(ESTIMATORS)}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+        raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
     if options is not None:
         specs = list(options)
         if not specs or not all(isinstance(s, QuantSpec) for s in specs) or len(set(specs)) != len(specs):
@@ -241,7 +270,18 @@ def score(model: torch.nn.Module, calib_data=None, method: str = "hessian", bits
             batches = as_batches(calib_data)
             fn, desc = resolve_loss(loss_fn, work, batches)
             graph = graph or LayerGraph.build(work, batches[0], forward=fn if callable(loss_fn) else None)
-        ctx = ScoreContext(work, graph, batches, fn, specs, seed, desc)
+        from .distributed import current
+        ranks = current(timeout)                        # None without a process group
+        ckpt = None
+        if checkpoint is not None:
+            from .checkpoint import Checkpoint, content_digest
+            from .table import _jsonable
+            run = {"method": method, "names": graph.names, "options": [s.to_dict() for s in specs],
+                   "model_fingerprint": graph.fingerprint, "content": content_digest(work, batches),
+                   "settings": _jsonable({**opts, "seed": seed, "loss": desc, "batches": len(batches)})}
+            ckpt = Checkpoint(checkpoint, run, ranks)
+            ckpt.resume()
+        ctx = ScoreContext(work, graph, batches, fn, specs, seed, desc, ranks=ranks, checkpoint=ckpt)
         if not ctx.allowed.any(1).all():
             i = int(np.argmin(ctx.allowed.any(1)))
             why = option_mask([graph.layers[i]], specs)[1]
@@ -255,5 +295,10 @@ def score(model: torch.nn.Module, calib_data=None, method: str = "hessian", bits
         raise ValueError(f"{method} produced a non-finite sensitivity for {graph.names[i]} at option "
                          f"{specs[j].label} (NaN/inf in the loss or its gradients; check the model and data)")
     meta = {**meta, "seconds": time.perf_counter() - t0, "loss": desc, "batches": len(batches)}
+    if ranks is not None:
+        meta["world_size"] = ranks.world
+    if ckpt is not None:
+        meta["resumed"] = ckpt.resumed                # pieces read back from the checkpoint
+        ckpt.finish()
     return Sensitivity(graph.names, tuple(specs), np.maximum(loss, 0.0), method, ctx.allowed,
                        graph.fingerprint, meta)

@@ -66,6 +66,10 @@ def main(argv=None) -> int:
     except (RuntimeError, OSError) as e:
         print(f"bitplan {args.command}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if args.command in ("plan", "frontier"):
+            from .common import close_distributed
+            close_distributed()
 
 
 if __name__ == "__main__":

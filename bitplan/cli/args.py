@@ -193,3 +193,10 @@ def score_args(p):
     p.add_argument("--sensitivity-cache", metavar="FILE",
                    help="sensitivity table JSON: loaded if FILE exists (no re-scoring; it must have been "
                         "scored for the same options), else scored and saved there")
+    p.add_argument("--checkpoint", metavar="FILE", default=None,
+                   help="partially scored table, written after every round of work and read back by a "
+                        "rerun, which resumes (removed when the table is complete); default: next to "
+                        "--sensitivity-cache (sens.json -> sens.partial.json), else none")
+    p.add_argument("--timeout", type=positive, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long one rank may lag the others at a sync point before "
+                        "rank 0 stops with an error naming it (default 1800)")

@@ -5,9 +5,10 @@ import logging
 import time
 
 __all__ = ["load", "need_calib", "check_names", "probe_opts", "resolve_args_options", "loss_for", "log",
-           "prepare_scoring"]
+           "prepare_scoring", "init_distributed", "close_distributed"]
 
 log = logging.getLogger("bitplan")
+_OWNED: list = []            # non-empty while this CLI owns the default process group
 
 
 def load(args):
@@ -80,15 +81,52 @@ def loss_for(args, spec):
     return None
 
 
+def init_distributed(args) -> int:
+    """Under ``torchrun`` (RANK and WORLD_SIZE > 1 in the environment) initialise the default process
+    group — gloo on CPU, gloo + nccl when CUDA is there — with ``--timeout``; the other ranks log
+    warnings only. Returns this process's rank (0 without a group)."""
+    import os
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return 0
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=getattr(args, "timeout", 1800.0)))
+        _OWNED.append(True)
+    rank = dist.get_rank()
+    if rank:
+        log.setLevel(logging.WARNING)
+    return rank
+
+
+def close_distributed() -> None:
+    """Destroy the default process group :func:`init_distributed` made (end of a CLI command)."""
+    if _OWNED:
+        import torch.distributed as dist
+        _OWNED.clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def prepare_scoring(args):
     """What `plan` and `frontier` share before solving: names checked, the model loaded, its graph
     and options resolved, the sensitivity table scored (or read from ``--sensitivity-cache``).
+
+    Under ``torchrun`` every rank scores its share (:func:`init_distributed`); only rank 0 gets the
+    table (the others get None and should stop: ``args.rank``).
 
     Returns ``(spec, loss_fn, calib, graph, opts, table)``.
     """
     from ..core.graph import LayerGraph
     from ..scoring import scored_table
     sopts = check_names(args)
+    args.rank = init_distributed(args)
     spec = load(args)
     need_calib(spec, "scoring")
     loss_fn = loss_for(args, spec)
@@ -103,5 +141,5 @@ def prepare_scoring(args):
         if bad:
             raise ValueError(f"--keep: {bad} bits are not among the options --bits {','.join(map(str, have))}")
     table = scored_table(spec.model, calib, opts, graph, args.sensitivity, loss_fn, args.seed,
-                         args.sensitivity_cache, sopts, args.quiet)
+                         args.sensitivity_cache, sopts, args.quiet, args.checkpoint, args.timeout)
     return spec, loss_fn, calib, graph, opts, table

@@ -51,6 +51,8 @@ def run(args) -> int:
     from ..frontier import sweep
     from ..plots import plot_frontier
     spec, loss_fn, calib, graph, opts, table = prepare_scoring(args)
+    if args.rank:                    # torchrun: rank 0 sweeps and writes; the others are done
+        return 0
     metric = None if args.no_measure else metric_for(spec)
     front = sweep(spec.model, calib, table, opts, graph, args.budgets_mb, args.points, args.solver,
                   loss_fn, spec.eval_data, measure=not args.no_measure, quiet=args.quiet, metric=metric)

@@ -59,6 +59,8 @@ def run(args) -> int:
     from ..api import allocate
     from ..budgets import avg_bits_budget_mb
     spec, loss_fn, calib, graph, opts, table = prepare_scoring(args)
+    if args.rank:                    # torchrun: rank 0 solves and writes; the others are done
+        return 0
     keep = getattr(args, "keep_resolved", {})
     budget_mb = args.budget_mb if args.avg_bits is None else avg_bits_budget_mb(spec.model, args.avg_bits)
     latency = {k: v for k, v in (("latency_tokens", args.latency_tokens),
