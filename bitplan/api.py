@@ -103,7 +103,8 @@ def build_problem(graph: LayerGraph, table, opts: Options, base_bytes: int, budg
                                          tokens=latency_tokens)
         fixed_ms = fixed_latency_ms(prof, latency_fixed)
         budgets["latency_ms"] = max_latency_ms - fixed_ms
-    return Problem(table.loss, costs, budgets, graph.tie_groups(tie), graph.names, {}, allowed), fixed_ms
+    bits = tuple(float(s.bits) for s in specs)         # (B,) each option's weight bits (convex fits BAQ on them)
+    return Problem(table.loss, costs, budgets, graph.tie_groups(tie), graph.names, {}, allowed, bits), fixed_ms
 
 
 def expected_kernels(graph: LayerGraph, specs: dict, device="cpu") -> tuple[dict, list[str]]:
@@ -234,7 +235,8 @@ def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=
                    "loss": str(table.meta.get("loss", "")), "probes": table.meta.get("probes"),
                    "options": [s.to_dict() for s in opts.specs]},
         solver={"name": sol.method, "status": sol.status, "objective": float(sol.objective),
-                "bound": finite(sol.bound), "gap": finite(sol.gap), "seconds": float(sol.seconds)},
+                "bound": finite(sol.bound), "gap": finite(sol.gap), "seconds": float(sol.seconds),
+                **({"info": dict(sol.info["record"])} if sol.info.get("record") else {})},
         meta={"tie": tie, "seed": seed, "kernels_here": kernels_here})
     if refine_seconds is not None:
         from .joint import refine
