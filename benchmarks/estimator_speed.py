@@ -65,6 +65,7 @@ def main(argv=None):
     from bitplan.core.jsonio import atomic_write_json
     from bitplan.sensitivity import score
 
+    prov = provenance()                   # at the start: the code that ran, not what the tree became
     model, calib = residual_cnn_case()
     load_before = os.getloadavg()
 
@@ -111,7 +112,7 @@ def main(argv=None):
     for n in ("hessian-old", "hessian"):
         print(f"{n}: probes {out[n]['probes']}, median rel se {np.median(out[n]['rel_stderr']):.3f}, "
               f"|z| vs {ref.meta['probes']}-probe reference: {np.round(np.abs(out[n]['z_vs_reference']), 2).tolist()}")
-    atomic_write_json(a.out, {**provenance(), **out})
+    atomic_write_json(a.out, {**prov, **out})
     print(f"wrote {a.out}")
 
 
