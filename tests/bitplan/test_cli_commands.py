@@ -236,3 +236,13 @@ def test_plan_convex_fits_real_bits_and_records_the_solver(work):
     assert info["bits"] == [float(o["bits"]) for o in options] and info["bits_source"] == "problem.bits"
     assert len(set(info["bits"])) > 2 and max(info["bits"]) >= 8     # real bit-widths, unevenly spaced
     assert info["solver_fallback"] is None and info["cvxpy_solver"] == "CLARABEL"
+
+
+def test_plan_decoupled_group_budgets(work):
+    ok(run("plan", "--model", "tests.fixtures_models:tiny_embed", "--avg-bits", "4", "--sensitivity", "decoupled",
+           "--group-budgets", "proportional", "--quiet", "--out", work / "plan_groups.json"))
+    plan = json.loads((work / "plan_groups.json").read_text())
+    rec = plan["solver"]["group_budgets"]
+    assert rec["rule"] == "proportional" and set(rec["groups"]) <= {"loss", "gram"}
+    for g, names in rec["groups"].items():
+        assert sum(plan["meta"]["layer_bytes"][n] for n in names) <= rec["caps_bytes"][g] * (1 + 1e-9)
