@@ -30,7 +30,8 @@ def test_allocate_digits_budget_and_exact_packed_size(digits_mlp):
     plan = bitplan.allocate(model, budget_mb=budget, calib_data=[(Xtr[:256], ytr[:256])], loss_fn=loss_fn,
                             bits=(2, 3, 4, 8), group_size=None, sensitivity_opts={"max_probes": 16})
     assert plan.predicted["size_bytes"] <= budget * MB
-    assert plan.solver["status"] == "optimal" and plan.solver["bound"] == plan.solver["objective"]
+    assert plan.solver["status"] == "optimal"          # proven: bound == objective up to float round-off
+    assert plan.solver["bound"] == pytest.approx(plan.solver["objective"], rel=1e-9)
     after = state(model)                                              # the model is not mutated
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [p.requires_grad for p in model.parameters()] == grads and not model.training
