@@ -31,7 +31,7 @@ def cases(n_batches: int):
     spec = load_model("minilm")
     yield "minilm (L2-normalised sentence embedding, label-free MSE)", spec.model, spec.calib_data[:n_batches]
     model, calib = residual_cnn_case(n_batches=n_batches)
-    yield "residual CNN on digits (logits, label-free KL)", model, [x for x, _ in calib]
+    yield "residual CNN on digits (plain logits tensor, label-free MSE)", model, [x for x, _ in calib]
 
 
 def main(argv=None):
