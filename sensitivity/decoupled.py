@@ -20,7 +20,8 @@ with the label-free MSE, ``sqnr`` = 384 × ``loss`` and ``cos`` = 192 × ``loss`
 tables are proportional and a "group" split between them is float noise. Such metrics are detected
 (normalised tables equal within ``PROPORTIONAL_RTOL``), merged into the first metric they equal, and
 listed in ``meta["proportional"]``; ``meta["distinct_metrics"]`` is what really decouples. ``gram``
-is not proportional to the MSE there (its ratio to the loss varies ~20x across MiniLM's layers).
+is not proportional to the MSE there (its ratio to the loss spans 36x across MiniLM's layers:
+``benchmarks/results/decoupled_metrics.json``).
 
 Normalisation: each metric's (L, B) table is divided by Σ_b median_l (robust to one outlier layer).
 Group of layer l = argmax over distinct metrics of its row sum in the normalised tables. Combined

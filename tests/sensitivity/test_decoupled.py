@@ -31,7 +31,7 @@ def test_proportional_metrics_are_merged_not_split_by_noise(embed_table):
 def test_gram_metric_is_not_proportional_to_the_loss(embed_table):
     pm = embed_table.meta["per_metric"]
     ratio = pm["gram"].sum(1) / pm["loss"].sum(1)           # (L,) per-layer ratio of the two metrics
-    assert ratio.max() / ratio.min() > 1.2, ratio             # (MiniLM: ~20x across its layers)
+    assert ratio.max() / ratio.min() > 1.2, ratio             # (MiniLM: 36x across its layers)
 
 
 def test_group_budgets_reach_the_solver(tmp_path):
