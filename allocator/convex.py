@@ -73,12 +73,56 @@ def _feasible_plan(t: Tables, choice: np.ndarray, info: dict) -> np.ndarray:
     return lagrangian(t).choice
 
 
+def finite_or_none(v) -> float | None:
+    """JSON has no NaN / inf."""
+    return float(v) if math.isfinite(v) else None
+
+
+def _option_bits(problem: Problem, bits, B: int) -> tuple[np.ndarray, str]:
+    """(B,) bit-width of each option and where it came from: the ``bits`` argument, else
+    ``problem.bits`` (what :func:`bitplan.allocate` sets: each option's weight bits), else the option
+    index 0..B-1 (only meaningful when the options are evenly spaced bit-widths)."""
+    if bits is not None:
+        src = "argument"
+    elif problem.bits is not None:
+        bits, src = problem.bits, "problem.bits"
+    else:
+        bits, src = np.arange(B, dtype=float), "option index (no bits given)"
+    bits = np.asarray(bits, dtype=float)
+    if bits.shape != (B,) or not np.all(np.isfinite(bits)):
+        raise ValueError(f"bits must be {B} finite numbers (one per option), got {bits.tolist()}")
+    if len(set(bits.tolist())) < 2 and B > 1:
+        raise ValueError(f"bits={bits.tolist()} must hold at least two distinct bit-widths (BAQ fits loss "
+                         "against bits)")
+    return bits, src
+
+
+def _solve_continuous(prob, solver: str, kw: dict) -> dict:
+    """Solve with ``solver``; on a cvxpy SolverError retry with SCS and say so."""
+    import cvxpy as cp
+    rec = {"cvxpy_solver": solver, "solver_fallback": None}
+    try:
+        prob.solve(solver=solver, **kw)
+    except cp.error.SolverError as e:
+        rec["solver_fallback"] = f"{solver} failed ({str(e)[:200]}); SCS used"
+        rec["cvxpy_solver"] = "SCS"
+        try:
+            prob.solve(solver="SCS")
+        except cp.error.SolverError as e2:
+            rec["solver_fallback"] += f"; SCS failed too ({str(e2)[:200]}): rounded from the smallest bits"
+    return rec
+
+
 @register("convex")
 def solve(problem: Problem, bits=None, solver: str = "CLARABEL", time_limit: float | None = None,
           **_) -> Solution:
     """BAQ convex model → round → repair → improve; bound from the dual values (see module doc).
 
-    ``bits`` (B,) gives each option's bit-width (default: the option index 0..B-1).
+    ``bits`` (B,) gives each option's bit-width; default ``problem.bits`` (set by
+    :func:`bitplan.allocate` / :func:`bitplan.api.build_problem` from the options), else the option
+    index 0..B-1 (``info["bits_source"]`` says which). Several options may share a bit-width (e.g.
+    per-channel and group-128 at 4 bits): the fit treats them as samples of the same curve.
+    ``info["solver_fallback"]`` records a switch to SCS when ``solver`` fails.
     Example: ``solve(Problem(loss, {"size": size}, {"size": 4e6}), method="convex", bits=(2, 4, 8))``
     """
     import cvxpy as cp
@@ -86,9 +130,7 @@ def solve(problem: Problem, bits=None, solver: str = "CLARABEL", time_limit: flo
     t0 = time.perf_counter()
     red, row_of = problem.reduced()
     R, B = red.shape
-    bits = np.arange(B, dtype=float) if bits is None else np.asarray(bits, dtype=float)
-    if bits.shape != (B,) or not np.all(np.isfinite(bits)) or len(set(bits.tolist())) != B:
-        raise ValueError(f"bits must be {B} distinct finite numbers (one per option), got {bits.tolist()}")
+    bits, bits_source = _option_bits(problem, bits, B)
     t = Tables.of(red)
     allowed = red.allowed                                              # (R, B)
     c, theta = fit(red.loss, allowed, bits)                            # (R,), (R,)
@@ -107,18 +149,19 @@ def solve(problem: Problem, bits=None, solver: str = "CLARABEL", time_limit: flo
     prob = cp.Problem(objective, [budget, x >= lo, x <= hi] if K else [x >= lo, x <= hi])
     build_s = time.perf_counter() - t0                                 # fit + cvxpy expression
     kw = {} if time_limit is None else {"time_limit": float(time_limit)}
-    try:
-        prob.solve(solver=solver, **kw)
-    except cp.error.SolverError:
-        prob.solve(solver="SCS")
-    info = {"cvxpy_status": prob.status, "bits": bits.tolist(), "build_s": build_s,
-            "solve_s": time.perf_counter() - t0 - build_s}
+    info = {**_solve_continuous(prob, solver, kw), "cvxpy_status": prob.status, "bits": bits.tolist(),
+            "bits_source": bits_source, "build_s": build_s, "solve_s": time.perf_counter() - t0 - build_s}
     xv = np.clip(np.asarray(x.value if x.value is not None else lo, float), lo, hi)       # (R,)
     cont = float(np.sum(c * np.exp(-theta * LN2 * xv)))
     # round down to an allowed option (costs grow with bits), then repair and improve on true tables
     below = allowed & (bits[None, :] <= xv[:, None] + 1e-9)
-    score = np.where(below, bits[None, :], -np.inf)
-    choice = np.where(below.any(1), score.argmax(1), np.where(allowed, bits, np.inf).argmin(1))
+    # the highest such bit-width; among options sharing it (group sizes, act bits) the cheapest
+    cost = sum((red.costs[k] / t.cost_scale[i] for i, k in enumerate(t.names)), np.zeros((R, B)))  # (R, B)
+    cheap = np.where(allowed, cost, np.inf)
+    top = np.where(below, bits[None, :], -np.inf).max(1, keepdims=True)                  # (R, 1)
+    low = np.where(allowed, bits[None, :], np.inf).min(1, keepdims=True)
+    pick = np.where(below.any(1)[:, None], below & (bits[None, :] == top), allowed & (bits[None, :] == low))
+    choice = np.where(pick, cheap, np.inf).argmin(1)
     rounded_obj = t.to_loss(t.objective(choice))
     lam = np.zeros(K)
     if K and budget.dual_value is not None:
@@ -144,4 +187,9 @@ def solve(problem: Problem, bits=None, solver: str = "CLARABEL", time_limit: flo
                  "lambda_normalised": lam.tolist()})
     sol = finish(problem, row_of, choice, t.to_loss(d), "convex", t0, info, t.spread)
     sol.info["rounding_loss"] = sol.objective - cont
+    # what a plan records about this solve (JSON values): which bits were fitted, which cvxpy
+    # solver ran (and any fallback), how well BAQ's model fits the true table
+    sol.info["record"] = {k: sol.info[k] for k in ("bits", "bits_source", "cvxpy_solver", "solver_fallback",
+                                                   "cvxpy_status", "repair")}
+    sol.info["record"]["fit_median_rel_error"] = finite_or_none(sol.info["fit_median_rel_error"])
     return sol

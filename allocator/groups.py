@@ -53,4 +53,5 @@ def with_group_budgets(problem: Problem, cost: str, groups: dict, budgets: dict)
             raise ValueError(f"budget {key!r} already exists")
         costs[key] = group_table(problem.costs[cost], rows)
         caps[key] = float(budgets[g])
-    return Problem(problem.loss, costs, caps, problem.ties, problem.names, problem.fixed, problem.allowed)
+    return Problem(problem.loss, costs, caps, problem.ties, problem.names, problem.fixed, problem.allowed,
+                   problem.bits)

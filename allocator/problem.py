@@ -47,6 +47,7 @@ class Problem:
     names: list[str] | None = None                # (L,) row names, for messages and plans
     fixed: dict[int, int] = field(default_factory=dict)   # row -> option index it must take
     allowed: np.ndarray | None = None             # (L, B) bool; None = every option allowed
+    bits: tuple | None = None                     # (B,) weight bits of each option (convex's BAQ fit); None = unknown
 
     def __post_init__(self):
         loss = _as_table("loss", self.loss)
@@ -100,6 +101,11 @@ class Problem:
         object.__setattr__(self, "fixed", fixed)
         object.__setattr__(self, "ties", ties)
         object.__setattr__(self, "allowed", allowed)
+        if self.bits is not None:
+            bits = tuple(float(b) for b in np.asarray(self.bits, dtype=np.float64).reshape(-1))
+            if len(bits) != B or not all(math.isfinite(b) and b > 0 for b in bits):
+                raise ValueError(f"bits={list(self.bits)!r} must be {B} positive finite numbers (one per option)")
+            object.__setattr__(self, "bits", bits)
         for grp in self.tie_groups():                     # a tie group must share an allowed option
             if not allowed[grp].all(0).any():
                 fx = {names[i]: fixed[i] for i in grp if i in fixed}
@@ -132,7 +138,7 @@ class Problem:
     def with_budgets(self, **budgets: float) -> "Problem":
         """A copy with some budgets replaced (same tables)."""
         return Problem(self.loss, self.costs, {**self.budgets, **budgets}, self.ties, self.names,
-                       self.fixed, self.allowed)
+                       self.fixed, self.allowed, self.bits)
 
     def reduced(self) -> tuple["Problem", np.ndarray]:
         """Contract tie groups into single rows (tables summed, allowed intersected).
@@ -164,7 +170,7 @@ class Problem:
             members[r].append(self.names[i])
         names = ["+".join(m) for m in members]
         p = Problem(add(self.loss), {k: add(v) for k, v in self.costs.items()}, dict(self.budgets),
-                    [], names, {}, allowed)
+                    [], names, {}, allowed, self.bits)
         return p, row_of
 
     def evaluate(self, choice) -> tuple[float, dict[str, float]]:

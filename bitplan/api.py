@@ -103,7 +103,8 @@ def build_problem(graph: LayerGraph, table, opts: Options, base_bytes: int, budg
                                          tokens=latency_tokens)
         fixed_ms = fixed_latency_ms(prof, latency_fixed)
         budgets["latency_ms"] = max_latency_ms - fixed_ms
-    return Problem(table.loss, costs, budgets, graph.tie_groups(tie), graph.names, {}, allowed), fixed_ms
+    bits = tuple(float(s.bits) for s in specs)         # (B,) each option's weight bits (convex fits BAQ on them)
+    return Problem(table.loss, costs, budgets, graph.tie_groups(tie), graph.names, {}, allowed, bits), fixed_ms
 
 
 def expected_kernels(graph: LayerGraph, specs: dict, device="cpu") -> tuple[dict, list[str]]:
@@ -135,6 +136,7 @@ def _infeasible(e, base: int, fixed_ms: float):
     parts = [f"size {small['size_mb']:.6f} MB" if "size_mb" in small else "",
              f"latency {small['latency_ms']:.4f} ms" if "latency_ms" in small else "",
              f"BOPs {small['bops']:.6g}" if "bops" in small else ""]
+    parts += [f"{k} {v:.6g}" for k, v in small.items() if k not in ("size_mb", "latency_ms", "bops")]
     msg = ("no plan meets the budgets together" if not any("below the smallest" in a for a in e.args)
            else "a budget is below its smallest feasible value")
     return InfeasibleBudgetError(f"{msg}; smallest feasible value of each budget on its own (totals): "
@@ -149,7 +151,7 @@ def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=
              symmetric=DEFAULTS["symmetric"], tie: str | None = None, keep: dict | None = None,
              sensitivity_table=None, sensitivity_opts: dict | None = None, solver_opts: dict | None = None,
              latency_fixed: str | None = None, latency_tokens: int | None = None, options=None,
-             refine_opts: dict | None = None) -> Plan:
+             refine_opts: dict | None = None, group_budgets=None) -> Plan:
     """Choose every quantizable layer's option to lose the least under the budgets.
 
     Options are the product of ``bits``, ``group_size`` (None = per channel), ``act_bits`` (None =
@@ -161,7 +163,9 @@ def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=
     must have been scored for the same options. ``max_latency_ms`` bounds Σ per-layer kernel times from
     ``latency_profile`` plus its fixed cost. ``refine_seconds`` runs the joint search
     (:func:`bitplan.refine`) on the solver's plan. The model, its BatchNorm statistics and torch's
-    global RNG are never touched.
+    global RNG are never touched. ``group_budgets`` (with ``sensitivity="decoupled"``, MixDQ): split the
+    size budget over the table's metric groups (``"proportional"`` or {group: fraction}, see
+    :func:`bitplan.budgets.split_group_budgets`); the caps are recorded in ``plan.solver``.
 
     Example:
         >>> plan = bitplan.allocate(model, budget_mb=5.0, calib_data=batches, bits=(2, 3, 4, 8),
@@ -206,12 +210,21 @@ def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=
                       graph=graph, **(sensitivity_opts or {}))
     problem, fixed_ms = build_problem(graph, table, opts, base, budget_mb, max_bops, latency_profile,
                                       max_latency_ms, tie, keep, latency_fixed, latency_tokens, allowed)
+    group_rec = None
+    if group_budgets is not None:
+        from .budgets import split_group_budgets
+        if not table.meta.get("groups"):
+            raise ValueError(f"group_budgets needs a sensitivity table with layer groups (sensitivity='decoupled'); "
+                             f"this one is {table.method!r}")
+        problem, caps = split_group_budgets(problem, table.meta["groups"], group_budgets)
+        group_rec = {"rule": group_budgets if isinstance(group_budgets, str) else "fractions",
+                     "caps_bytes": caps, "groups": {g: list(v) for g, v in table.meta["groups"].items() if v}}
     try:
         sol = solve(problem, method=solver, **(solver_opts or {}))
     except InfeasibleBudgetError as e:
         raise _infeasible(e, base, fixed_ms) from e
     specs = {n: opts.specs[c] for n, c in zip(graph.names, sol.choice)}
-    predicted = {k: float(v) for k, v in sol.totals.items() if k != "size_bytes"}
+    predicted = {k: float(v) for k, v in sol.totals.items() if k in ("bops", "latency_ms")}
     predicted["loss"] = float(sol.objective)
     budgets = {}
     if budget_mb is not None:
@@ -234,7 +247,9 @@ def allocate(model: torch.nn.Module, budget_mb: float | None = None, calib_data=
                    "loss": str(table.meta.get("loss", "")), "probes": table.meta.get("probes"),
                    "options": [s.to_dict() for s in opts.specs]},
         solver={"name": sol.method, "status": sol.status, "objective": float(sol.objective),
-                "bound": finite(sol.bound), "gap": finite(sol.gap), "seconds": float(sol.seconds)},
+                "bound": finite(sol.bound), "gap": finite(sol.gap), "seconds": float(sol.seconds),
+                **({"info": dict(sol.info["record"])} if sol.info.get("record") else {}),
+                **({"group_budgets": group_rec} if group_rec else {})},
         meta={"tie": tie, "seed": seed, "kernels_here": kernels_here})
     if refine_seconds is not None:
         from .joint import refine

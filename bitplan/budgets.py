@@ -81,3 +81,47 @@ def size_range_mb(model, opts=None, graph=None, **grid) -> tuple[float, float]:
     base = base_nbytes(model, graph.names)
     return ((base + np.where(opts.allowed, size, np.inf).min(1).sum()) / MB,
             (base + np.where(opts.allowed, size, -np.inf).max(1).sum()) / MB)
+
+
+GROUP_RULES = ("proportional",)
+
+
+def split_group_budgets(problem, groups: dict, rule="proportional", cost: str = "size_bytes"):
+    """MixDQ per-group budgets: ``(problem with one extra budget per group, {group: cap})``.
+
+    ``groups`` maps a group name to its layer names (``Sensitivity.meta["groups"]`` of the
+    ``decoupled`` estimator). ``rule="proportional"``: every group gets the same fraction of its own
+    size range, cap_g = min_g + (budget − Σ min) · range_g / Σ range (min / max = every layer of the
+    group at its smallest / largest allowed option), so the caps add up to the budget and are
+    feasible whenever the whole budget is. A dict {group: fraction of the budget} sets them directly
+    (fractions > 0, sum <= 1). Empty groups get no budget.
+
+    Example: ``p, caps = split_group_budgets(problem, table.meta["groups"])``
+    """
+    from .allocator.groups import with_group_budgets
+    if cost not in problem.budgets:
+        raise ValueError(f"group budgets split the {cost!r} budget; give budget_mb (budgets: {sorted(problem.budgets)})")
+    index = {n: i for i, n in enumerate(problem.names)}
+    unknown = {g: [n for n in names if n not in index] for g, names in groups.items()}
+    if any(unknown.values()) or not any(groups.values()):
+        raise ValueError(f"group layers must be the problem's layers; unknown: {unknown}")
+    groups = {g: [index[n] for n in names] for g, names in groups.items() if names}
+    table = np.where(problem.allowed, problem.costs[cost], np.nan)            # (L, B)
+    lo, hi = np.nanmin(table, 1), np.nanmax(table, 1)                          # (L,)
+    total = problem.budgets[cost]
+    if isinstance(rule, dict):
+        if set(rule) != set(groups) or not all(isinstance(v, numbers.Real) and v > 0 for v in rule.values()) \
+                or sum(rule.values()) > 1 + 1e-9:
+            raise ValueError(f"group_budgets={rule!r} must map each group {sorted(groups)} to a fraction > 0 "
+                             "of the budget, summing to <= 1")
+        caps = {g: float(rule[g]) * total for g in groups}
+    elif rule == "proportional":
+        mins = {g: float(lo[r].sum()) for g, r in groups.items()}
+        spans = {g: float((hi - lo)[r].sum()) for g, r in groups.items()}
+        free = total - sum(mins.values())
+        span = sum(spans.values())
+        caps = {g: mins[g] + (free * spans[g] / span if span > 0 else free / len(groups)) for g in groups}
+    else:
+        raise ValueError(f"group_budgets={rule!r} is not supported; allowed: {list(GROUP_RULES)} or a dict "
+                         "group -> fraction of the size budget")
+    return with_group_budgets(problem, cost, groups, caps), caps

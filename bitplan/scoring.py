@@ -22,7 +22,9 @@ def expected_evals(method: str, n_options: int, n_batches: int, sensitivity_opts
     if method in ("measured", "decoupled"):
         return n_batches * (1 + n_options)
     if method == "hessian":
-        probes, chunk = o.get("max_probes", 64), o.get("probe_batch", 4)
+        from .sensitivity.hessian import auto_max_probes      # automatic cap: "output" mode's is the larger
+        probes = o.get("max_probes") or auto_max_probes("output", n_options, o.get("min_probes", 8))
+        chunk = o.get("probe_batch", 4)
         return n_batches * -(-probes // chunk)
     if method in ("fisher", "lim"):
         return n_batches

@@ -33,7 +33,20 @@ def _one_minus_cos(t: torch.Tensor, ref: torch.Tensor) -> float:
     return float(1 - torch.nn.functional.cosine_similarity(t.float(), ref.float(), dim=-1).mean())
 
 
-OUTPUT_METRICS = {"sqnr": _nsr, "cos": _one_minus_cos}
+def _gram(t: torch.Tensor, ref: torch.Tensor, max_rows: int = 512) -> float:
+    """Relational ("content") distortion: ‖S_q − S‖²_F / ‖S‖²_F of the cosine-similarity matrix S
+    between the output rows (samples / positions along the last dim; the first ``max_rows``).
+
+    What retrieval / STS / nearest-neighbour use reads; unlike MSE or NSR it ignores a perturbation that
+    moves every row alike (a common rotation or shift of all embeddings) and is not proportional to
+    them on L2-normalised outputs."""
+    a = torch.nn.functional.normalize(t.float().reshape(-1, t.shape[-1])[:max_rows], dim=-1)
+    b = torch.nn.functional.normalize(ref.float().reshape(-1, ref.shape[-1])[:max_rows], dim=-1)
+    s_q, s = a @ a.t(), b @ b.t()
+    return float((s_q - s).pow(2).sum() / s.pow(2).sum().clamp(min=1e-30))
+
+
+OUTPUT_METRICS = {"sqnr": _nsr, "cos": _one_minus_cos, "gram": _gram}
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["tiny", "tiny_cnn", "TinyMLP"]
+__all__ = ["tiny", "tiny_cnn", "tiny_embed", "TinyMLP", "TinyEmbed"]
 
 
 class TinyMLP(nn.Module):
@@ -43,3 +43,19 @@ def tiny_cnn():
                           nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10)).eval()
     g = torch.Generator().manual_seed(1)
     return model, [torch.randn(8, 1, 8, 8, generator=g) for _ in range(3)]
+
+
+class TinyEmbed(TinyMLP):
+    """TinyMLP whose output is L2-normalised per row, like a sentence embedding (MiniLM): with the
+    label-free MSE, NSR and 1 - cos are exactly proportional to the loss."""
+
+    def forward(self, x):                                   # (n, 32) -> (n, 16), unit rows
+        return nn.functional.normalize(super().forward(x), dim=-1)
+
+
+def tiny_embed():
+    """(TinyEmbed, 4 calibration batches of (8, 32))."""
+    torch.manual_seed(0)
+    model = TinyEmbed().eval()
+    g = torch.Generator().manual_seed(1)
+    return model, [torch.randn(8, 32, generator=g) for _ in range(4)]

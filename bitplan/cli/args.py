@@ -182,10 +182,12 @@ def quant_args(p):
 def score_args(p):
     p.add_argument("--sensitivity", default="hessian", metavar="NAME",
                    help="sensitivity estimator: hessian (default, HAWQ-V3 Hutchinson traces), fisher, "
-                        "measured, decoupled, lim, zd, ... (an unknown name lists the installed ones)")
+                        "measured, decoupled (MixDQ: output fidelity vs similarity-structure metrics, layer "
+                        "groups for plan --group-budgets), lim, zd, ... (an unknown name lists the installed ones)")
     p.add_argument("--max-probes", type=positive_int, default=None, metavar="N",
-                   help="hessian only: cap on Hutchinson probes (one Hessian-vector product each; "
-                        "estimator default 64)")
+                   help="hessian only: cap on Hutchinson probes (one Hessian-vector product per "
+                        "calibration batch each; default automatic: at most ~4x the forwards of measured, "
+                        "never over 64)")
     p.add_argument("--solver", default="ilp", metavar="NAME",
                    help="allocation solver: ilp (default, PuLP + CBC), highs, dp, lagrange, auto, ... "
                         "(an unknown name lists the installed ones)")

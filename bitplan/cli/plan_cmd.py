@@ -42,6 +42,11 @@ def add(sub, common):
                          "'*.head=8'; repeatable, later wins; BITS must be one of --bits")
     pl.add_argument("--tie", choices=["shared_input"], default=None,
                     help="shared_input: layers reading the same input tensor (q/k/v) get the same option")
+    pl.add_argument("--group-budgets", choices=["proportional"], default=None,
+                    help="with --sensitivity decoupled (MixDQ): one size budget per metric group (layers "
+                         "grouped by the metric they move most: 'loss' = output fidelity, 'gram' = "
+                         "similarity structure between samples); proportional = each group gets the same "
+                         "fraction of its own size range, the caps summing to the size budget")
     pl.add_argument("--refine", type=A.positive, default=None, metavar="SECONDS",
                     help="after the solver, search whole plans for this many seconds, measuring each "
                          "candidate's real loss on calibration data (never worse, never over budget)")
@@ -70,6 +75,7 @@ def run(args) -> int:
                         options=opts.specs, solver=args.solver, latency_profile=args.profile,
                         max_latency_ms=args.max_latency_ms, max_bops=args.max_bops, seed=args.seed,
                         tie=args.tie, keep=keep, sensitivity_table=table, refine_seconds=args.refine,
+                        group_budgets=args.group_budgets,
                         **latency)
     except InfeasibleBudgetError as e:
         size_flag = None if budget_mb is None else f"--budget-mb {args.budget_mb:g}" if args.avg_bits is None \

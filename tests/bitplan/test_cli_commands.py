@@ -224,3 +224,25 @@ def test_bad_values_exit_2_before_scoring(extra, named, tmp_path):
     p = run("plan", "--model", TINY, "--budget-mb", "1", *extra, "--out", tmp_path / "x.json")
     assert p.returncode == 2 and named in p.stderr and "scoring hessian" not in p.stderr, p.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_plan_convex_fits_real_bits_and_records_the_solver(work):
+    ok(run("plan", "--model", TINY, "--avg-bits", "5", "--sensitivity-cache", work / "sens.json",
+           "--keep", "head=8", "--solver", "convex", "--quiet", "--out", work / "plan_convex.json"))
+    plan = json.loads((work / "plan_convex.json").read_text())
+    solver, options = plan["solver"], plan["estimator"]["options"]
+    assert solver["name"] == "convex"
+    info = solver["info"]                                  # each option's bits, not indices 0..B-1
+    assert info["bits"] == [float(o["bits"]) for o in options] and info["bits_source"] == "problem.bits"
+    assert len(set(info["bits"])) > 2 and max(info["bits"]) >= 8     # real bit-widths, unevenly spaced
+    assert info["solver_fallback"] is None and info["cvxpy_solver"] == "CLARABEL"
+
+
+def test_plan_decoupled_group_budgets(work):
+    ok(run("plan", "--model", "tests.fixtures_models:tiny_embed", "--avg-bits", "4", "--sensitivity", "decoupled",
+           "--group-budgets", "proportional", "--quiet", "--out", work / "plan_groups.json"))
+    plan = json.loads((work / "plan_groups.json").read_text())
+    rec = plan["solver"]["group_budgets"]
+    assert rec["rule"] == "proportional" and set(rec["groups"]) <= {"loss", "gram"}
+    for g, names in rec["groups"].items():
+        assert sum(plan["meta"]["layer_bytes"][n] for n in names) <= rec["caps_bytes"][g] * (1 + 1e-9)
