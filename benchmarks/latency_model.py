@@ -13,7 +13,7 @@
    s · Σ layer times per profile (fixed cost F, common factor s). Four profiles result: isolated
    and in-model, raw and anchored.
 4. Draw 20 plans (each layer an option uniformly at random, seed 0), pack each copy with
-   ``apply_plan_(mode="packed")``, and time all 20 (+ fp32) end to end, interleaved, ``--rounds``
+   ``apply_plan_(mode="packed")`` (embedding tables in fp16 in every plan), and time all 20 (+ fp32) end to end, interleaved, ``--rounds``
    times (median per plan over rounds; the load average is sampled each round). Predicted =
    Σ_l latency_table[l, option_l] (M = the layer's tokens per call: 128, 1 for the pooler) + fixed.
    The random plans are never among the anchors.
@@ -49,6 +49,7 @@ from bitplan.core.jsonio import atomic_write_json                             # 
 from bitplan.costmodels.latency import latency_table                          # noqa: E402
 from bitplan.apply import apply_plan_                                         # noqa: E402
 from bitplan.kernels.anchor import anchor_profile, measure_anchors            # noqa: E402
+from bitplan.kernels.formats import QuantSpec                                  # noqa: E402
 from bitplan.kernels.calibrate import DEFAULT_SPECS, calibrate, calibrate_model, measure_fixed_cost  # noqa: E402
 from bitplan.kernels.timing import clock_fn, time_interleaved                 # noqa: E402
 from bitplan.plan import Plan                                                 # noqa: E402
@@ -94,7 +95,8 @@ def main():
                                   return_tensors="pt").items()
              if k in ("input_ids", "attention_mask", "token_type_ids")}
     g = LayerGraph.build(model, batch)
-    layers = g.layers
+    layers = [l for l in g.layers if l.kind == "linear"]      # the matmul layers a plan chooses for
+    embeds = [l for l in g.layers if l.kind != "linear"]       # lookups: fp16 in every plan (time in fixed)
     fixed_key = f"minilm:1x{args.seq}"
     t0 = time.perf_counter()
     iso = calibrate(layers, tokens=(1, 16, 128), kernels=None, clock=args.clock, quiet=True)
@@ -118,12 +120,13 @@ def main():
     fixed = {name: p.fixed[fixed_key]["median_ms"] for name, p in profiles.items()}
 
     rng = np.random.default_rng(args.seed)
-    fp = fingerprint(sorted(layers, key=lambda l: l.name))
+    fp = fingerprint(sorted(g.layers, key=lambda l: l.name))
     plans, preds, mixes = [], {name: [] for name in profiles}, []
     rows = np.arange(len(layers))
     for _ in range(args.plans):
         choice = rng.integers(len(specs), size=len(layers))               # (L,)
-        plans.append(Plan(fp, {l.name: specs[c] for l, c in zip(layers, choice)}))
+        plans.append(Plan(fp, {**{l.name: specs[c] for l, c in zip(layers, choice)},
+                               **{l.name: QuantSpec(16) for l in embeds}}))
         for name in profiles:
             preds[name].append(float(tables[name][rows, choice].sum()) + fixed[name])
         cnt = collections.Counter(specs[c].label for c in choice)

@@ -51,9 +51,9 @@ def _print_range(prof, spec, args, sample) -> None:
     except ValueError as e:
         print(f"latency range: not printed ({e})")
         return
-    print(f"feasible latency on this device: {r['min_ms']:.3f} ms (fastest plan) to {r['max_ms']:.3f} ms "
-          f"(slowest plan), {r['fixed_ms']:.3f} ms of it fixed; pick `plan --max-latency-ms` in between "
-          "(one sample per forward)")
+    print(f"feasible latency on this device: {r['min_ms']:.4g} ms (fastest plan) to {r['max_ms']:.4g} ms "
+          f"(slowest plan), {r['fixed_ms']:.4g} ms of it fixed, one sample per forward; pick "
+          "`plan --max-latency-ms` in between (the size budget may exclude the fastest plans)")
 
 
 def run(args) -> int:
