@@ -195,7 +195,7 @@ def main():
     print(f"wall clock for comparison: fp32 model {wall['fp32'].median_ms:.2f} ms, plan 0 "
           f"{wall[0].median_ms:.2f} ms; load average (1 min) start {loads['start'][0]:.1f}, end "
           f"{loads['end'][0]:.1f} on {os.cpu_count()} cores")
-    kernels = collections.Counter(s.kernel for p in packed for s in p.bitplan_plan.layers.values())
+    kernels = collections.Counter(k for p in packed for k in p.bitplan_plan.kernels.values())
     print(f"kernels run across the {len(packed)} packed models: {dict(kernels)}")
     if args.json:
         record = {**provenance(), "seconds": round(time.perf_counter() - t_all, 1), "threads": args.threads,

@@ -6,7 +6,9 @@ bias, fp32 in and out — so casts, activation quantization and bias are timed t
 ``timing.time_interleaved`` (warm-up, many interleaved batches, median, spread, re-measure when
 unstable). A few cells are measured a second time at the end; ``profile.repeatability`` holds the
 ratios. ``measure_fixed_cost`` times a whole model with its quantizable layers stubbed out (the ops
-no option changes: embeddings, attention matmuls, norms, activations).
+no option changes: embeddings, attention matmuls, norms, activations). Neither kind of per-layer
+profile adds up to a real forward on every machine; ``anchor.anchor_profile`` fits either one to whole
+forwards of the model's uniform plans (a fixed cost + a common factor), the default of ``bitplan calibrate``.
 
 Cache state: inside a model, a layer's weights were evicted from the core's L2 by the layers that
 ran since its last call; timing one module in a loop keeps them hot and flatters it (MiniLM-L6 at
