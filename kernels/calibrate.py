@@ -60,7 +60,7 @@ class _DenseBF16(nn.Module):
 
 def layer_shapes(layers_or_shapes) -> list[tuple[int, int]]:
     """Distinct (N, K) of a model / LayerGraph / LayerInfo list / list of (N, K), first-seen order.
-    Conv layers are skipped with a warning (profiles cover matmul layers)."""
+    Conv and embedding layers are skipped with a warning (profiles cover matmul layers)."""
     from ..core.graph import LayerGraph, find_layers
     src = layers_or_shapes
     if isinstance(src, nn.Module):
@@ -87,8 +87,8 @@ def layer_shapes(layers_or_shapes) -> list[tuple[int, int]]:
         if nk not in out:
             out.append(nk)
     if convs:
-        warnings.warn(f"calibration skips conv layers (profiles cover matmul layers): {convs}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(f"calibration skips layers that are not matmuls (embedding lookups: their time is in "
+                      f"the fixed cost; convs: not profiled): {convs}", RuntimeWarning, stacklevel=3)
     if not out:
         raise ValueError("no matmul layer shapes to calibrate")
     return out

@@ -35,6 +35,10 @@ def add(sub, common):
     ca.add_argument("--no-fixed", action="store_true",
                     help="per-layer times only: no fixed cost and no anchoring (the latency budget then "
                          "bounds the quantizable layers alone)")
+    ca.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: what a user waits on a dedicated machine (default); cpu: thread CPU time "
+                         "(sets torch to 1 thread), for a shared machine where whole forwards cannot dodge "
+                         "other processes (kernels/timing.py)")
     ca.add_argument("--out", required=True, metavar="FILE", help="where to write the profile JSON")
 
 
@@ -60,6 +64,9 @@ def run(args) -> int:
     from ..core.batches import first_sample, to_device
     from ..core.spec import option_grid
     from ..kernels.calibrate import calibrate
+    if args.clock == "cpu":
+        import torch
+        torch.set_num_threads(1)                 # the CPU clock times the calling thread only
     spec = load(args)
     specs = list(option_grid(args.bits, args.group_size, args.act_bits, args.quant_method, not args.asymmetric))
     timing = {k: v for k, v in (("reps", args.reps), ("max_seconds", args.max_seconds)) if v is not None}
@@ -71,11 +78,11 @@ def run(args) -> int:
         if args.device != "cpu":
             raise ValueError(f"--in-model times on cpu only; got --device {args.device}")
         prof = calibrate_model(spec.model, sample, specs, reps=args.reps or 15, fixed_name=spec.name,
-                               quiet=args.quiet)
+                               quiet=args.quiet, clock=args.clock)
         what = f"{len(prof.entries)} in-model timings"
     else:
         prof = calibrate(spec.model, device=args.device, tokens=args.tokens, kernels=specs, quiet=args.quiet,
-                         **timing)
+                         clock=args.clock, **timing)
         what = (f"{len(prof.entries)} timings ({len(prof.options)} options x shapes x {len(args.tokens)} "
                 f"token counts)")
     if sample is not None and args.device == "cuda":
@@ -85,7 +92,7 @@ def run(args) -> int:
         prof.fixed.pop(spec.name, None)
     elif sample is not None and not args.no_anchor:
         from ..kernels.anchor import anchor_profile
-        anchor_profile(prof, spec.model, sample, specs, fixed_name=spec.name,
+        anchor_profile(prof, spec.model, sample, specs, fixed_name=spec.name, clock=args.clock,
                        **({"reps": args.reps} if args.reps else {}))
         a = prof.meta["anchor"]
         worst = max(abs(r["rel_error"]) for r in a["anchors"])
@@ -94,7 +101,7 @@ def run(args) -> int:
         what += f", anchored to {len(a['anchors'])} whole forwards (per-layer times x {a['scale']:.3f})"
     elif sample is not None and not args.in_model:
         from ..kernels.calibrate import measure_fixed_cost
-        prof.fixed[spec.name] = measure_fixed_cost(spec.model, sample, **timing)
+        prof.fixed[spec.name] = measure_fixed_cost(spec.model, sample, clock=args.clock, **timing)
     if spec.name in prof.fixed:
         what += f", fixed cost {spec.name!r} {prof.fixed[spec.name]['median_ms']:.4f} ms"
     prof.save(args.out)

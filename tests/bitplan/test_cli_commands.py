@@ -152,10 +152,12 @@ def test_calibrate_writes_profile_that_plan_uses(work):
 
 
 def test_calibrate_in_model_profile_drives_a_latency_plan(work):
-    ok(run("calibrate", "--model", TINY, "--in-model", "--reps", "3", "--quiet", "--out", work / "inm.json"))
+    ok(run("calibrate", "--model", TINY, "--in-model", "--reps", "3", "--clock", "cpu", "--quiet",
+           "--out", work / "inm.json"))
     from bitplan.kernels.profile import LatencyProfile
     prof = LatencyProfile.load(work / "inm.json")
-    assert list(prof.fixed) == [TINY] and prof.entries
+    assert list(prof.fixed) == [TINY] and prof.entries and prof.meta["anchor"]["clock"] == "cpu"
+    assert prof.device["threads"] == 1                       # --clock cpu times one thread
     budget = 2 * sum(e["median_ms"] for e in prof.entries.values()) + prof.fixed[TINY]["median_ms"]
     ok(run("plan", "--model", TINY, "--avg-bits", "6", "--max-latency-ms", f"{budget:.6f}", "--profile",
            work / "inm.json", "--sensitivity-cache", work / "sens.json", "--out", work / "inm_plan.json"))
