@@ -13,8 +13,9 @@
    s · Σ layer times per profile (fixed cost F, common factor s). Four profiles result: isolated
    and in-model, raw and anchored.
 4. Draw 20 plans (each layer an option uniformly at random, seed 0), pack each copy with
-   ``apply_plan_(mode="packed")`` (embedding tables in fp16 in every plan), and time all 20 (+ fp32) end to end, interleaved, ``--rounds``
-   times (median per plan over rounds; the load average is sampled each round). Predicted =
+   ``apply_plan_(mode="packed")`` (embedding tables in fp16 in every plan), and time all 20 (+ fp32)
+   end to end, interleaved, ``--rounds`` times (median per plan over rounds; the load average is
+   sampled each round). Predicted =
    Σ_l latency_table[l, option_l] (M = the layer's tokens per call: 128, 1 for the pooler) + fixed.
    The random plans are never among the anchors.
 Goal: median |predicted / measured − 1| < 10 % for both kinds of profile under the default procedure.

@@ -47,8 +47,10 @@ def fit_anchor(predicted, measured) -> tuple[float, float]:
     """(F, s) minimising Σ_a ((F + s·P_a) / T_a − 1)² with F >= 0, s > 0.
 
     ``predicted`` P_a (ms, the raw profile's Σ of layer times of anchor a), ``measured`` T_a (ms, the
-    anchor's measured whole forward). With fewer than two distinct P_a the factor is not
-    identifiable: s = 1 and F = max(0, median(T − P)).
+    anchor's measured whole forward). The objective is a convex quadratic: its unconstrained minimum
+    when that has F >= 0 and s > 0, else the best of the boundary F = 0 and of s = 1 with its best
+    F >= 0 (so the fit is never worse on its anchors than the raw profile with any fixed cost).
+    With fewer than two distinct P_a the factor is not identifiable: s = 1, F = max(0, median(T − P)).
 
     Example: ``fit_anchor([10, 20, 30], [12, 22, 32])`` -> (2.0, 1.0)
     """
@@ -58,23 +60,24 @@ def fit_anchor(predicted, measured) -> tuple[float, float]:
         raise ValueError(f"fit_anchor needs as many predictions as measurements (got {len(P)} and {len(T)})")
     if any(not (math.isfinite(v) and v > 0) for v in P + T):
         raise ValueError(f"fit_anchor needs positive finite times, got predicted={P} measured={T}")
+    if len(set(P)) < 2:
+        diffs = sorted(t - p for p, t in zip(P, T))
+        return max(0.0, diffs[len(diffs) // 2]), 1.0
     # rows (1/T_a, P_a/T_a) · (F, s) ≈ 1: normal equations of the 2-parameter least squares
     a = [1 / t for t in T]
     b = [p / t for p, t in zip(P, T)]
     saa, sab, sbb = sum(x * x for x in a), sum(x * y for x, y in zip(a, b)), sum(y * y for y in b)
     sa1, sb1 = sum(a), sum(b)
     det = saa * sbb - sab * sab
-    if len(set(P)) >= 2 and det > 1e-12 * saa * sbb:
+    if det > 1e-12 * saa * sbb:
         F = (sa1 * sbb - sb1 * sab) / det
         s = (saa * sb1 - sab * sa1) / det
         if F >= 0 and s > 0:
             return F, s
-    if len(set(P)) >= 2:                        # F pinned at 0: s alone, through the origin
-        s = sb1 / sbb
-        if s > 0:
-            return 0.0, s
-    diffs = sorted(t - p for p, t in zip(P, T))
-    return max(0.0, diffs[len(diffs) // 2]), 1.0
+    cands = [(max(0.0, (sa1 - sab) / saa), 1.0)]            # s = 1, its best F >= 0
+    if sb1 / sbb > 0:
+        cands.append((0.0, sb1 / sbb))                      # F = 0, s through the origin
+    return min(cands, key=lambda c: sum((x * c[0] + y * c[1] - 1) ** 2 for x, y in zip(a, b)))
 
 
 def uniform_plans(layers, specs=()) -> dict[str, dict[str, QuantSpec | str]]:

@@ -35,6 +35,10 @@ def test_fit_keeps_fixed_cost_non_negative_and_handles_one_anchor():
     P = [10.0, 20.0, 40.0]
     F, s = fit_anchor(P, [2 * p - 5 for p in P])                     # unconstrained F would be -5
     assert F == 0.0 and s > 0
+    P, T = [10.0, 20.0, 30.0], [30.0, 21.0, 12.0]                   # times fall as sums rise: slope < 0
+    F, s = fit_anchor(P, T)
+    obj = lambda F, s: sum(((F + s * p) / t - 1) ** 2 for p, t in zip(P, T))          # noqa: E731
+    assert F >= 0 and s > 0 and all(obj(F, s) <= obj(f, 1.0) + 1e-12 for f in (0.0, 5.0, 10.0, 20.0))
     assert fit_anchor([10.0], [12.0]) == (2.0, 1.0)                   # factor not identifiable: s = 1
     assert fit_anchor([10.0, 10.0], [9.0, 9.0]) == (0.0, 1.0)
     with pytest.raises(ValueError, match="positive finite"):
