@@ -9,15 +9,15 @@
    b. in-model (``calibrate_model``): the 7 uniform plans (+ fp32), each layer timed by hooks
       inside the model's own forward; fixed = forward − Σ layers.
 3. Anchor both (``kernels/anchor.py``, what ``bitplan calibrate`` does by default): time whole
-   forwards of the 8 uniform plans (fp32 + one per option), interleaved, and fit measured ≈ F +
-   s · Σ layer times per profile (fixed cost F, common factor s). Four profiles result: isolated
-   and in-model, raw and anchored.
+   forwards of the 8 uniform plans (fp32 + one per option) and 4 random mixed plans (their own
+   seed), interleaved, and fit measured ≈ F + s · Σ layer times per profile (fixed cost F, common
+   factor s). Four profiles result: isolated and in-model, raw and anchored.
 4. Draw 20 plans (each layer an option uniformly at random, seed 0), pack each copy with
    ``apply_plan_(mode="packed")`` (embedding tables in fp16 in every plan), and time all 20 (+ fp32)
    end to end, interleaved, ``--rounds`` times (median per plan over rounds; the load average is
    sampled each round). Predicted =
    Σ_l latency_table[l, option_l] (M = the layer's tokens per call: 128, 1 for the pooler) + fixed.
-   The random plans are never among the anchors.
+   The 20 random plans are never among the anchors.
 Goal: median |predicted / measured − 1| < 10 % for both kinds of profile under the default procedure.
 
 Clock: ``--clock cpu`` (default; thread CPU time, needs 1 thread) or ``wall``. This machine is shared
@@ -203,7 +203,7 @@ def main():
                   "clock": args.clock, "model": "all-MiniLM-L6-v2", "tokens": args.seq, "plans": args.plans,
                   "rounds": args.rounds, "device": iso.device, "load_average": loads,
                   "default_procedure": "anchored (bitplan calibrate default: isolated per-layer profile "
-                                       "anchored to whole forwards of the uniform plans)",
+                                       "anchored to whole forwards of the uniform plans and 4 mixed plans)",
                   "median_abs_error": {n: results[n]["median_abs_error"] for n in names},
                   "errors": results,
                   "anchor_fit": {n: {k: profiles[n].meta["anchor"][k] for k in ("fixed_ms", "scale", "anchors")}

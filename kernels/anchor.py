@@ -15,12 +15,16 @@ is better between machines (``benchmarks/latency_model.py``: MiniLM-L6, 20 rando
 |error| 6.7 % in-model / 13.6 % isolated on one machine, 28.0 % / 1.3 % on another).
 
 Procedure (``anchor_profile``): pack one copy of the model per uniform plan (every layer takes one
-option; the profile's options, plus the fp32 model), time whole forwards of all copies interleaved
-(``timing.time_interleaved``), predict each from the profile, P_a = Σ_l t(option_a, N_l, K_l, M_l),
-and fit measured_a ≈ F + s · P_a (least squares on relative residuals, F >= 0, s > 0;
-``fit_anchor``). Every entry is multiplied by s and F becomes the model's fixed cost, so a plan's
-predicted latency matches the measured forwards it was fitted on, while the per-layer profile still
-says how options and shapes differ. The anchors, their residuals and s are in ``meta["anchor"]``.
+option; the profile's options, plus the fp32 model) and a few random mixed plans (every layer a
+random option, seeded), time whole forwards of all copies interleaved (``timing.time_interleaved``),
+predict each from the profile, P_a = Σ_l t(option_a, N_l, K_l, M_l), and fit measured_a ≈ F + s · P_a
+(least squares on relative residuals, F >= 0, s > 0, uniform and mixed anchors weighing the same in
+total; ``fit_anchor``). Every entry is multiplied by s and F becomes the model's fixed cost, so a
+plan's predicted latency matches the measured forwards it was fitted on, while the per-layer profile
+still says how options and shapes differ. Why mixed anchors: a plan that switches kernels from layer
+to layer ran 5–10 % slower on MiniLM-L6 than the sum its layers show in uniform plans (each kernel
+family finds its buffers and code cold after another one ran), and the allocator's plans are mixed.
+The anchors, their residuals and s are in ``meta["anchor"]``.
 
 Example:
     >>> prof = calibrate(model, tokens=(1, 16, 128))
@@ -40,11 +44,11 @@ from .formats import QuantSpec
 from .profile import LatencyProfile, option_key
 from .timing import clock_fn, time_interleaved
 
-__all__ = ["anchor_profile", "measure_anchors", "fit_anchor", "uniform_plans"]
+__all__ = ["anchor_profile", "measure_anchors", "fit_anchor", "uniform_plans", "mixed_plans"]
 
 
-def fit_anchor(predicted, measured) -> tuple[float, float]:
-    """(F, s) minimising Σ_a ((F + s·P_a) / T_a − 1)² with F >= 0, s > 0.
+def fit_anchor(predicted, measured, weights=None) -> tuple[float, float]:
+    """(F, s) minimising Σ_a w_a ((F + s·P_a) / T_a − 1)² with F >= 0, s > 0 (w_a = 1 by default).
 
     ``predicted`` P_a (ms, the raw profile's Σ of layer times of anchor a), ``measured`` T_a (ms, the
     anchor's measured whole forward). The objective is a convex quadratic: its unconstrained minimum
@@ -60,14 +64,18 @@ def fit_anchor(predicted, measured) -> tuple[float, float]:
         raise ValueError(f"fit_anchor needs as many predictions as measurements (got {len(P)} and {len(T)})")
     if any(not (math.isfinite(v) and v > 0) for v in P + T):
         raise ValueError(f"fit_anchor needs positive finite times, got predicted={P} measured={T}")
+    W = [1.0] * len(P) if weights is None else [float(w) for w in weights]
+    if len(W) != len(P) or any(not (math.isfinite(w) and w > 0) for w in W):
+        raise ValueError(f"fit_anchor weights must be one positive finite number per anchor, got {weights!r}")
     if len(set(P)) < 2:
         diffs = sorted(t - p for p, t in zip(P, T))
         return max(0.0, diffs[len(diffs) // 2]), 1.0
-    # rows (1/T_a, P_a/T_a) · (F, s) ≈ 1: normal equations of the 2-parameter least squares
-    a = [1 / t for t in T]
-    b = [p / t for p, t in zip(P, T)]
+    # rows √w_a (1/T_a, P_a/T_a) · (F, s) ≈ √w_a: normal equations of the 2-parameter least squares
+    r = [math.sqrt(w) for w in W]
+    a = [q / t for q, t in zip(r, T)]
+    b = [q * p / t for q, p, t in zip(r, P, T)]
     saa, sab, sbb = sum(x * x for x in a), sum(x * y for x, y in zip(a, b)), sum(y * y for y in b)
-    sa1, sb1 = sum(a), sum(b)
+    sa1, sb1 = sum(x * q for x, q in zip(a, r)), sum(y * q for y, q in zip(b, r))
     det = saa * sbb - sab * sab
     if det > 1e-12 * saa * sbb:
         F = (sa1 * sbb - sb1 * sab) / det
@@ -77,7 +85,7 @@ def fit_anchor(predicted, measured) -> tuple[float, float]:
     cands = [(max(0.0, (sa1 - sab) / saa), 1.0)]            # s = 1, its best F >= 0
     if sb1 / sbb > 0:
         cands.append((0.0, sb1 / sbb))                      # F = 0, s through the origin
-    return min(cands, key=lambda c: sum((x * c[0] + y * c[1] - 1) ** 2 for x, y in zip(a, b)))
+    return min(cands, key=lambda c: sum((x * c[0] + y * c[1] - q) ** 2 for x, y, q in zip(a, b, r)))
 
 
 def uniform_plans(layers, specs=()) -> dict[str, dict[str, QuantSpec | str]]:
@@ -90,6 +98,23 @@ def uniform_plans(layers, specs=()) -> dict[str, dict[str, QuantSpec | str]]:
             raise TypeError(f"specs must be QuantSpecs, got {s!r}")
         plans[s.label] = {l.name: (s if option_reason(s, l) is None else "fp32@dense") for l in layers}
     return plans
+
+
+def mixed_plans(layers, specs, n: int, seed: int = 0) -> dict[str, dict[str, QuantSpec | str]]:
+    """{"mix0": {layer: spec}, ...}: ``n`` plans where every layer takes one of the ``specs`` it can
+    take, uniformly at random (seeded); a layer that can take none stays fp32."""
+    import random
+
+    from .modules import option_reason
+    rnd = random.Random(seed)
+    out = {}
+    for i in range(n):
+        plan = {}
+        for l in layers:
+            ok = [s for s in specs if option_reason(s, l) is None]
+            plan[l.name] = rnd.choice(ok) if ok else "fp32@dense"
+        out[f"mix{i}"] = plan
+    return out
 
 
 def _packed_copy(model: nn.Module, plan: dict) -> tuple[nn.Module, dict[str, str]]:
@@ -109,12 +134,15 @@ def _packed_copy(model: nn.Module, plan: dict) -> tuple[nn.Module, dict[str, str
 
 
 def measure_anchors(model: nn.Module, batch, specs=None, forward=None, clock: str = "wall",
-                    reps: int = 31, max_seconds: float = 1.0, graph=None) -> dict:
-    """Time whole forwards of ``model`` on ``batch`` under its uniform plans (fp32 + one per spec).
+                    reps: int = 31, max_seconds: float = 1.0, graph=None, mixed: int = 4,
+                    seed: int = 12345) -> dict:
+    """Time whole forwards of ``model`` on ``batch`` under its uniform plans (fp32 + one per spec)
+    and ``mixed`` random mixed plans (``mixed_plans``, seeded by ``seed``).
 
     ``specs`` None = ``calibrate.DEFAULT_SPECS``. Returns {"layers": [(name, N, K, M)],
-    "plans": {anchor: {layer: option key that runs}}, "timings": {anchor: Timing dict}}; the
-    copies are timed interleaved (``timing.time_interleaved``), M = each layer's tokens per sample.
+    "plans": {anchor: {layer: option key that runs}}, "kinds": {anchor: "uniform" | "mixed"},
+    "timings": {anchor: Timing dict}}; the copies are timed interleaved
+    (``timing.time_interleaved``), M = each layer's tokens per sample.
 
     Example: ``a = measure_anchors(model, sample); a["timings"]["fp32"]["median_ms"]``
     """
@@ -126,8 +154,15 @@ def measure_anchors(model: nn.Module, batch, specs=None, forward=None, clock: st
     layers = [l for l in g.layers if l.kind in ("linear", "hf_conv1d")]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no linear layers to anchor a latency profile to")
+    specs = list(DEFAULT_SPECS if specs is None else specs)
+    plans = uniform_plans(layers, specs)
+    kinds = {name: "uniform" for name in plans}
+    if mixed and len(specs) > 1:
+        extra = mixed_plans(layers, specs, mixed, seed)
+        plans.update(extra)
+        kinds.update({name: "mixed" for name in extra})
     models, keys = {}, {}
-    for name, plan in uniform_plans(layers, DEFAULT_SPECS if specs is None else specs).items():
+    for name, plan in plans.items():
         models[name], keys[name] = _packed_copy(model, plan)
     on_cuda = any(p.is_cuda for p in model.parameters())
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
@@ -135,7 +170,7 @@ def measure_anchors(model: nn.Module, batch, specs=None, forward=None, clock: st
         meas = time_interleaved({n: (lambda m=m: run(m, batch)) for n, m in models.items()}, reps=reps,
                                 target_ms=1.0, max_seconds=max_seconds, clock=clock_fn(clock), sync=sync)
     return {"layers": [(l.name, l.out_features, l.in_features, l.tokens_per_sample) for l in layers],
-            "plans": keys, "timings": {n: t.to_dict() for n, t in meas.items()}, "clock": clock}
+            "plans": keys, "kinds": kinds, "timings": {n: t.to_dict() for n, t in meas.items()}, "clock": clock}
 
 
 def anchor_profile(profile: LatencyProfile, model: nn.Module | None = None, batch=None, specs=None,
@@ -166,18 +201,21 @@ def anchor_profile(profile: LatencyProfile, model: nn.Module | None = None, batc
         raise ValueError("no anchor plan can be predicted from this profile: " + "; ".join(left_out[:2]))
     names = list(preds)
     meas = {n: anchors["timings"][n] for n in names}
-    F, s = fit_anchor([preds[n] for n in names], [meas[n]["median_ms"] for n in names])
+    kinds = anchors.get("kinds") or {n: "uniform" for n in names}
+    count = {k: sum(kinds.get(n, "uniform") == k for n in names) for k in ("uniform", "mixed")}
+    weights = [1 / count[kinds.get(n, "uniform")] for n in names]       # each kind weighs the same
+    F, s = fit_anchor([preds[n] for n in names], [meas[n]["median_ms"] for n in names], weights)
     for e in profile.entries.values():
         for key in ("median_ms", "p25_ms", "p75_ms"):
             e[key] *= s
-    rows = [{"plan": n, "measured_ms": meas[n]["median_ms"], "spread": meas[n]["spread"],
-             "raw_predicted_ms": preds[n], "predicted_ms": F + s * preds[n],
+    rows = [{"plan": n, "kind": kinds.get(n, "uniform"), "measured_ms": meas[n]["median_ms"],
+             "spread": meas[n]["spread"], "raw_predicted_ms": preds[n], "predicted_ms": F + s * preds[n],
              "rel_error": (F + s * preds[n]) / meas[n]["median_ms"] - 1} for n in names]
     spread = sorted(r["spread"] for r in rows)[len(rows) // 2]
     profile.fixed[fixed_name] = {"median_ms": F, "spread": spread, "clock": anchors["clock"],
                                  "method": "anchored"}
     profile.meta["anchor"] = {"fixed_name": fixed_name, "fixed_ms": F, "scale": s, "clock": anchors["clock"],
                               "anchors": rows, "left_out": left_out,
-                              "method": "measured ≈ F + scale · Σ layer times over uniform plans, least "
+                              "method": "measured ≈ F + scale · Σ layer times over uniform and mixed plans, least "
                                         "squares on relative residuals (kernels/anchor.py)"}
     return profile

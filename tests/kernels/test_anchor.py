@@ -9,7 +9,7 @@ import torch
 
 from bitplan.core.graph import LayerGraph
 from bitplan.costmodels import predict_latency_ms
-from bitplan.kernels.anchor import anchor_profile, fit_anchor, measure_anchors, uniform_plans
+from bitplan.kernels.anchor import anchor_profile, fit_anchor, measure_anchors, mixed_plans, uniform_plans
 from bitplan.kernels.calibrate import calibrate, measure_fixed_cost
 from bitplan.kernels.formats import QuantSpec
 from bitplan.kernels.profile import LatencyProfile, device_fingerprint
@@ -109,11 +109,12 @@ def test_anchor_on_a_real_model_beats_the_raw_profile_on_its_anchors():
                      repeat_check=0)
     prof.fixed["mlp"] = measure_fixed_cost(model, x, reps=7, max_seconds=0.02, retries=0)
     raw = copy.deepcopy(prof)
-    anchors = measure_anchors(model, x, SPECS, reps=9, max_seconds=0.05, graph=g)
-    assert set(anchors["plans"]) == {"fp32", "w8", "w4g32", "w3g32"}
+    anchors = measure_anchors(model, x, SPECS, reps=9, max_seconds=0.05, graph=g, mixed=2)
+    assert set(anchors["plans"]) == {"fp32", "w8", "w4g32", "w3g32", "mix0", "mix1"}
+    assert anchors["kinds"]["mix0"] == "mixed" and anchors["kinds"]["w8"] == "uniform"
     anchor_profile(prof, anchors=anchors, fixed_name="mlp")
     a = prof.meta["anchor"]
-    assert a["scale"] > 0 and a["fixed_ms"] >= 0 and len(a["anchors"]) == 4
+    assert a["scale"] > 0 and a["fixed_ms"] >= 0 and len(a["anchors"]) == 6
     # the cost model, reading the anchored profile, predicts each uniform plan as the fit says
     by_label = {s.label: s for s in SPECS}
     for r in a["anchors"]:
@@ -123,7 +124,26 @@ def test_anchor_on_a_real_model_beats_the_raw_profile_on_its_anchors():
                 r["predicted_ms"], rel=1e-9)
     # least squares over (F >= 0, s > 0) contains the raw profile (its stub fixed cost, s = 1)
     F_raw = raw.fixed["mlp"]["median_ms"]
-    sq = lambda rows, f: sum(f(r) ** 2 for r in rows)                                  # noqa: E731
+    w = {"uniform": 1 / 4, "mixed": 1 / 2}                   # each kind of anchor weighs the same
+    sq = lambda rows, f: sum(w[r["kind"]] * f(r) ** 2 for r in rows)                   # noqa: E731
     anchored = sq(a["anchors"], lambda r: r["rel_error"])
     unfitted = sq(a["anchors"], lambda r: (F_raw + r["raw_predicted_ms"]) / r["measured_ms"] - 1)
     assert anchored <= unfitted * (1 + 1e-9)
+
+
+def test_mixed_plans_are_seeded_and_take_only_options_a_layer_can_take():
+    g = LayerGraph.build(mlp(), torch.randn(4, 64))
+    specs = SPECS + [QuantSpec(4, 48)]                        # 48 divides no K here: never chosen
+    a, b = mixed_plans(g.layers, specs, 3, seed=7), mixed_plans(g.layers, specs, 3, seed=7)
+    assert a == b and list(a) == ["mix0", "mix1", "mix2"]
+    assert all(s in SPECS for plan in a.values() for s in plan.values())
+    assert mixed_plans(g.layers, specs, 3, seed=8) != a
+
+
+def test_weighted_fit_follows_the_heavier_anchors():
+    P, T = [10.0, 20.0, 30.0, 20.0], [12.0, 22.0, 32.0, 26.0]          # the last anchor runs 4 ms slower
+    light, heavy = fit_anchor(P, T, [1, 1, 1, 0.01]), fit_anchor(P, T, [1, 1, 1, 100])
+    pred = lambda c: c[0] + c[1] * 20.0                                                  # noqa: E731
+    assert abs(pred(light) - 22) < abs(pred(light) - 26) and abs(pred(heavy) - 26) < abs(pred(heavy) - 22)
+    with pytest.raises(ValueError, match="weights"):
+        fit_anchor(P, T, [1, 1, 1])
