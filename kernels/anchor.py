@@ -135,14 +135,16 @@ def _packed_copy(model: nn.Module, plan: dict) -> tuple[nn.Module, dict[str, str
 
 def measure_anchors(model: nn.Module, batch, specs=None, forward=None, clock: str = "wall",
                     reps: int = 31, max_seconds: float = 1.0, graph=None, mixed: int = 4,
-                    seed: int = 12345) -> dict:
+                    seed: int = 12345, pairwise: bool | None = None) -> dict:
     """Time whole forwards of ``model`` on ``batch`` under its uniform plans (fp32 + one per spec)
     and ``mixed`` random mixed plans (``mixed_plans``, seeded by ``seed``).
 
     ``specs`` None = ``calibrate.DEFAULT_SPECS``. Returns {"layers": [(name, N, K, M)],
     "plans": {anchor: {layer: option key that runs}}, "kinds": {anchor: "uniform" | "mixed"},
     "timings": {anchor: Timing dict}}; the copies are timed interleaved
-    (``timing.time_interleaved``), M = each layer's tokens per sample.
+    (``timing.time_interleaved``), M = each layer's tokens per sample. Memory: all copies at once,
+    unless they would take over half the available memory (or ``pairwise=True``): then one copy at
+    a time, each interleaved with the fp32 model (whose timing is the median over those pairs).
 
     Example: ``a = measure_anchors(model, sample); a["timings"]["fp32"]["median_ms"]``
     """
@@ -161,16 +163,50 @@ def measure_anchors(model: nn.Module, batch, specs=None, forward=None, clock: st
         extra = mixed_plans(layers, specs, mixed, seed)
         plans.update(extra)
         kinds.update({name: "mixed" for name in extra})
-    models, keys = {}, {}
-    for name, plan in plans.items():
-        models[name], keys[name] = _packed_copy(model, plan)
     on_cuda = any(p.is_cuda for p in model.parameters())
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    with torch.inference_mode():
-        meas = time_interleaved({n: (lambda m=m: run(m, batch)) for n, m in models.items()}, reps=reps,
-                                target_ms=1.0, max_seconds=max_seconds, clock=clock_fn(clock), sync=sync)
+
+    def timed(models: dict) -> dict:
+        with torch.inference_mode():
+            return time_interleaved({n: (lambda m=m: run(m, batch)) for n, m in models.items()}, reps=reps,
+                                    target_ms=1.0, max_seconds=max_seconds, clock=clock_fn(clock), sync=sync)
+    keys, meas = {}, {}
+    nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    room = None if on_cuda else _available_bytes()
+    pairwise = pairwise if pairwise is not None else (room is not None and nbytes * len(plans) > room / 2)
+    if not pairwise:                                  # every copy at once, all interleaved
+        models = {}
+        for name, plan in plans.items():
+            models[name], keys[name] = _packed_copy(model, plan)
+        meas = timed(models)
+        del models
+    else:                                             # one copy at a time, interleaved with fp32
+        base = []
+        for name, plan in plans.items():
+            m, keys[name] = _packed_copy(model, plan)
+            if m is model:
+                continue
+            t = timed({"fp32": model, name: m})
+            meas[name] = t[name]
+            base.append(t["fp32"])
+            del m
+        meas["fp32"] = sorted(base, key=lambda t: t.median_ms)[len(base) // 2] if base else \
+            timed({"fp32": model})["fp32"]
     return {"layers": [(l.name, l.out_features, l.in_features, l.tokens_per_sample) for l in layers],
-            "plans": keys, "kinds": kinds, "timings": {n: t.to_dict() for n, t in meas.items()}, "clock": clock}
+            "plans": keys, "kinds": kinds, "timings": {n: meas[n].to_dict() for n in keys}, "clock": clock,
+            "pairwise": bool(pairwise)}
+
+
+def _available_bytes() -> int | None:
+    """Memory available to new allocations (Linux ``MemAvailable``), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def anchor_profile(profile: LatencyProfile, model: nn.Module | None = None, batch=None, specs=None,

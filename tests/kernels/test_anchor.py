@@ -147,3 +147,13 @@ def test_weighted_fit_follows_the_heavier_anchors():
     assert abs(pred(light) - 22) < abs(pred(light) - 26) and abs(pred(heavy) - 26) < abs(pred(heavy) - 22)
     with pytest.raises(ValueError, match="weights"):
         fit_anchor(P, T, [1, 1, 1])
+
+
+def test_pairwise_anchors_hold_one_copy_at_a_time_and_give_the_same_record():
+    torch.manual_seed(0)
+    model, x = mlp(), torch.randn(1, 64)
+    a = measure_anchors(model, x, SPECS[:2], reps=7, max_seconds=0.02, mixed=1, pairwise=True)
+    assert a["pairwise"] and set(a["plans"]) == set(a["timings"]) == {"fp32", "w8", "w4g32", "mix0"}
+    assert all(t["median_ms"] > 0 for t in a["timings"].values())
+    assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear, torch.nn.GELU,
+                                        torch.nn.Linear]                         # the model is untouched
