@@ -26,7 +26,7 @@ from ..kernels.profile import LatencyProfile, option_key
 from ..kernels.registry import select_kernel
 from .registry import register
 
-__all__ = ["latency_table", "predict_latency_ms", "load_profile"]
+__all__ = ["latency_table", "predict_latency_ms", "latency_range", "load_profile"]
 
 
 def load_profile(profile) -> LatencyProfile:
@@ -103,3 +103,54 @@ def predict_latency_ms(layers, specs, profile, tokens: int | None = None, fixed:
             raise ValueError(f"profile has no fixed cost {fixed!r}; known: {sorted(prof.fixed)}")
         total += float(prof.fixed[fixed]["median_ms"])
     return total
+
+
+def latency_range(profile, layers, specs, tokens: int | None = None, fixed: str | None = None,
+                  allowed=None, warn_device: bool = True) -> dict:
+    """The feasible latency range of a model: predicted ms of its fastest and slowest plans.
+
+    ``layers``: a LayerGraph or its LayerInfo list; ``specs``: the options a plan may take (a
+    QuantSpec list, or an object with ``.specs`` and ``.allowed`` such as ``bitplan.options.Options``);
+    ``allowed`` (L, B) bool: options each layer can take (default: all, or ``specs.allowed``). The fastest plan gives
+    every layer its fastest allowed option, the slowest its slowest; both add the profile's fixed
+    cost ``fixed`` (a name in ``profile.fixed``; None = its only one, or 0 when it has none).
+    A ``--max-latency-ms`` below ``min_ms`` is infeasible whatever the size budget.
+
+    Returns {"min_ms", "max_ms", "fixed_ms", "fastest": [QuantSpec per layer], "slowest": [...]}.
+
+    Example:
+        >>> r = latency_range("prof.json", graph, [QuantSpec(4, 32), QuantSpec(8)])
+        >>> print(f"{r['min_ms']:.2f}-{r['max_ms']:.2f} ms")
+    """
+    prof = load_profile(profile)
+    layers = list(getattr(layers, "layers", layers))
+    if hasattr(specs, "specs"):
+        allowed = getattr(specs, "allowed", None) if allowed is None else allowed
+        specs = specs.specs
+    specs = [s if isinstance(s, QuantSpec) else QuantSpec(s) for s in specs]
+    if not layers or not specs:
+        raise ValueError(f"latency_range needs layers and options (got {len(layers)} layers, {len(specs)} options)")
+    if allowed is None:
+        allowed = np.ones((len(layers), len(specs)), dtype=bool)
+    allowed = np.asarray(allowed, dtype=bool)
+    if allowed.shape != (len(layers), len(specs)):
+        raise ValueError(f"allowed has shape {allowed.shape}; expected {(len(layers), len(specs))}")
+    empty = [l.name for l, row in zip(layers, allowed) if not row.any()]
+    if empty:
+        raise ValueError(f"{len(empty)} layer(s) have no allowed option, e.g. {empty[:3]}")
+    from .registry import cost_table
+    t = cost_table("latency", layers, specs, allowed=allowed, profile=prof, tokens=tokens,
+                   warn_device=warn_device)                                            # (L, B) ms
+    lo = np.where(allowed, t, np.inf).argmin(axis=1)                                  # (L,)
+    hi = np.where(allowed, t, -np.inf).argmax(axis=1)
+    rows = np.arange(len(layers))
+    if fixed is None:
+        if len(prof.fixed) > 1:
+            raise ValueError(f"the latency profile has fixed costs for {sorted(prof.fixed)}; say which one "
+                             "with fixed=")
+        fixed = next(iter(prof.fixed), None)
+    if fixed is not None and fixed not in prof.fixed:
+        raise ValueError(f"profile has no fixed cost {fixed!r}; known: {sorted(prof.fixed)}")
+    f_ms = float(prof.fixed[fixed]["median_ms"]) if fixed is not None else 0.0
+    return {"min_ms": float(t[rows, lo].sum()) + f_ms, "max_ms": float(t[rows, hi].sum()) + f_ms,
+            "fixed_ms": f_ms, "fastest": [specs[j] for j in lo], "slowest": [specs[j] for j in hi]}

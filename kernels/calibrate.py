@@ -6,7 +6,9 @@ bias, fp32 in and out — so casts, activation quantization and bias are timed t
 ``timing.time_interleaved`` (warm-up, many interleaved batches, median, spread, re-measure when
 unstable). A few cells are measured a second time at the end; ``profile.repeatability`` holds the
 ratios. ``measure_fixed_cost`` times a whole model with its quantizable layers stubbed out (the ops
-no option changes: embeddings, attention matmuls, norms, activations).
+no option changes: embeddings, attention matmuls, norms, activations). Neither kind of per-layer
+profile adds up to a real forward on every machine; ``anchor.anchor_profile`` fits either one to whole
+forwards of the model's uniform plans (a fixed cost + a common factor), the default of ``bitplan calibrate``.
 
 Cache state: inside a model, a layer's weights were evicted from the core's L2 by the layers that
 ran since its last call; timing one module in a loop keeps them hot and flatters it (MiniLM-L6 at
@@ -58,7 +60,7 @@ class _DenseBF16(nn.Module):
 
 def layer_shapes(layers_or_shapes) -> list[tuple[int, int]]:
     """Distinct (N, K) of a model / LayerGraph / LayerInfo list / list of (N, K), first-seen order.
-    Conv layers are skipped with a warning (profiles cover matmul layers)."""
+    Conv and embedding layers are skipped with a warning (profiles cover matmul layers)."""
     from ..core.graph import LayerGraph, find_layers
     src = layers_or_shapes
     if isinstance(src, nn.Module):
@@ -85,8 +87,8 @@ def layer_shapes(layers_or_shapes) -> list[tuple[int, int]]:
         if nk not in out:
             out.append(nk)
     if convs:
-        warnings.warn(f"calibration skips conv layers (profiles cover matmul layers): {convs}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(f"calibration skips layers that are not matmuls (embedding lookups: their time is in "
+                      f"the fixed cost; convs: not profiled): {convs}", RuntimeWarning, stacklevel=3)
     if not out:
         raise ValueError("no matmul layer shapes to calibrate")
     return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -39,8 +40,18 @@ def test_digits_cnn():
 
 
 def test_latency_aware():
+    # the budget comes from what this machine measured, so only properties are checked, no ms values
     out = run_example("latency_aware.py", "--reps", "5")
     assert "size + latency" in out and "measured ms" in out
+    num = r"([0-9.]+(?:e[-+]?[0-9]+)?)"
+    lo, hi, limit = map(float, re.search(rf"fastest plan {num} ms, size-only plan {num} ms -> latency budget "
+                                         rf"{num} ms", out).groups())
+    assert 0 < lo <= limit <= hi
+    pred, said = map(float, re.search(rf"respected by the prediction: {num} <= {num} ms", out).groups())
+    assert pred <= limit * (1 + 1e-3) and said == pytest.approx(limit, rel=1e-3)
+    any_lo, any_hi = map(float, re.search(rf"feasible latency, any size: {num} ms \(fastest plan\) to {num} ms",
+                                          out).groups())
+    assert 0 < any_lo <= lo and hi <= any_hi
 
 
 def test_minilm_budget():

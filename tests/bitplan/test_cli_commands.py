@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -130,24 +131,33 @@ def test_export_torchao_and_hf(work):
 
 
 def test_calibrate_writes_profile_that_plan_uses(work):
-    ok(run("calibrate", "--model", TINY, "--tokens", "1", "--reps", "3",
-           "--max-seconds", "0.02", "--quiet", "--out", work / "prof.json"))
+    p = ok(run("calibrate", "--model", TINY, "--tokens", "1,8", "--reps", "3",
+               "--max-seconds", "0.02", "--quiet", "--out", work / "prof.json"))
     from bitplan.kernels.profile import LatencyProfile
     prof = LatencyProfile.load(work / "prof.json")
     assert {n for (_, n, _, _) in prof.entries} == {64, 16}            # the tiny model's N values
     assert {o.split("@")[0] for o in prof.options} >= {"w2", "w3", "w4", "w8"}
-    assert list(prof.fixed) == [TINY]
-    ok(run("plan", "--model", TINY, "--avg-bits", "6", "--max-latency-ms", "1000", "--profile",
+    assert list(prof.fixed) == [TINY] and prof.fixed[TINY]["method"] == "anchored"     # the default
+    anchor = prof.meta["anchor"]
+    assert anchor["scale"] > 0 and {r["plan"] for r in anchor["anchors"]} >= {"fp32", "w4", "w8"}
+    # the printed feasible range (fastest .. slowest plan): a budget at its top is always feasible
+    m = re.search(r"feasible latency on this device: ([0-9.e+-]+) ms \(fastest plan\) to ([0-9.e+-]+) ms", p.stdout)
+    lo, hi = float(m.group(1)), float(m.group(2))
+    assert 0 < lo <= hi
+    ok(run("plan", "--model", TINY, "--avg-bits", "6", "--max-latency-ms", f"{hi * 1.001:.6f}", "--profile",
            work / "prof.json", "--sensitivity-cache", work / "sens.json", "--out", work / "lat.json"))
     plan = json.loads((work / "lat.json").read_text())
-    assert 0 < plan["predicted"]["latency_ms"] <= 1000 and plan["budgets"]["latency_ms"] == 1000
+    assert lo * 0.999 <= plan["predicted"]["latency_ms"] <= hi * 1.001
+    assert plan["predicted"]["latency_fixed_ms"] == prof.fixed[TINY]["median_ms"]
 
 
 def test_calibrate_in_model_profile_drives_a_latency_plan(work):
-    ok(run("calibrate", "--model", TINY, "--in-model", "--reps", "3", "--quiet", "--out", work / "inm.json"))
+    ok(run("calibrate", "--model", TINY, "--in-model", "--reps", "3", "--clock", "cpu", "--quiet",
+           "--out", work / "inm.json"))
     from bitplan.kernels.profile import LatencyProfile
     prof = LatencyProfile.load(work / "inm.json")
-    assert list(prof.fixed) == [TINY] and prof.entries
+    assert list(prof.fixed) == [TINY] and prof.entries and prof.meta["anchor"]["clock"] == "cpu"
+    assert prof.device["threads"] == 1                       # --clock cpu times one thread
     budget = 2 * sum(e["median_ms"] for e in prof.entries.values()) + prof.fixed[TINY]["median_ms"]
     ok(run("plan", "--model", TINY, "--avg-bits", "6", "--max-latency-ms", f"{budget:.6f}", "--profile",
            work / "inm.json", "--sensitivity-cache", work / "sens.json", "--out", work / "inm_plan.json"))

@@ -105,3 +105,25 @@ def test_size_table_is_kernel_aware_and_matches_packed_model():
     assert model_nbytes(packed) == base_nbytes(torch.nn.Sequential(*[
         torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 128), torch.nn.ReLU(),
         torch.nn.Linear(128, 96)]), g.names) + int(np.trace(sizes))
+
+
+def test_latency_range_is_the_cost_of_the_extreme_plans():
+    from bitplan.costmodels import latency_range
+    prof, layers = profile(), LAYERS[:2]
+    r = latency_range(prof, layers, SPECS)
+    assert r["min_ms"] <= r["max_ms"] and r["fixed_ms"] == 2.0
+    assert r["min_ms"] == pytest.approx(predict_latency_ms(layers, r["fastest"], prof, fixed="toy"), rel=1e-12)
+    assert r["max_ms"] == pytest.approx(predict_latency_ms(layers, r["slowest"], prof, fixed="toy"), rel=1e-12)
+    for s in SPECS:                                          # every uniform plan lies inside the range
+        t = predict_latency_ms(layers, [s] * len(layers), prof, fixed="toy")
+        assert r["min_ms"] - 1e-12 <= t <= r["max_ms"] + 1e-12
+    # options a layer cannot take are never its extreme; an Options-like object brings its own mask
+    allowed = np.ones((len(layers), len(SPECS)), bool)
+    allowed[:, [SPECS.index(r["fastest"][0])]] = False
+    opts = type("Opts", (), {"specs": tuple(SPECS), "allowed": allowed})()
+    r2 = latency_range(prof, layers, opts)
+    assert all(s != r["fastest"][0] for s in r2["fastest"]) and r2["min_ms"] >= r["min_ms"]
+    with pytest.raises(ValueError, match="no allowed option"):
+        latency_range(prof, layers, SPECS, allowed=np.zeros((2, len(SPECS)), bool))
+    with pytest.raises(ValueError, match="no fixed cost 'other'"):
+        latency_range(prof, layers, SPECS, fixed="other")
