@@ -140,7 +140,70 @@ def kernels(d=None) -> str:
     return "\n".join(out) + "\n"
 
 
-SECTIONS = {"quality": quality, "refine": refine, "methods": methods, "kernel_constraints": kernel_constraints,
+def _load_avg(v) -> str:
+    return f"{v[0]:.1f}" if isinstance(v, (list, tuple)) else "?"
+
+
+def latency(d=None) -> str:
+    """Predicted vs measured end-to-end latency of random plans, four profile procedures."""
+    d = d or _load("latency_model.json")
+    e = d["errors"]
+    out = [f"From {_commit(d)}; {d['model']}, {d['plans']} random plans × {d['rounds']} interleaved rounds, "
+           f"{d['tokens']} tokens, {d['threads']} thread, {d['clock']} clock, CPU {d['device']['cpu']} "
+           f"({d['device']['capability']}), load average {_load_avg(d['load_average']['start'])}–"
+           f"{_load_avg(d['load_average']['end'])} on a shared 2-core machine.", "",
+           "| profile | median \\|error\\| | mean signed error | max \\|error\\| |", "|---|---|---|---|"]
+    for k in ("isolated", "in-model", "isolated, anchored", "in-model, anchored"):
+        if k in e:
+            out.append(f"| {k}{' (default)' if k == 'isolated, anchored' else ''} | {e[k]['median_abs_error'] * 100:.1f} % | "
+                       f"{e[k]['mean_signed_error'] * 100:+.1f} % | {e[k]['max_abs_error'] * 100:.1f} % |")
+    return "\n".join(out) + "\n"
+
+
+def distributed(d=None) -> str:
+    """1 process vs 2 processes scoring MiniLM: speed-ups and identical results."""
+    d = d or _load("distributed_scoring.json")
+    st = d["settings"]
+    out = [f"From {_commit(d)}; MiniLM, bits {st['bits']} per channel, {st['calib_batches']} calibration batch, "
+           f"hessian ≤ {st['max_probes']} probes, 1 thread per process, {st['rounds']} interleaved rounds, load "
+           f"average {_load_avg(d.get('load_average_end'))} on 2 cores (under load).", "",
+           "| estimator | scoring s 1p → 2p (median) | speed-up | whole command speed-up | identical tables / plans |",
+           "|---|---|---|---|---|"]
+    for name, m in d["methods"].items():
+        sc = m["median"]["score_s"]
+        out.append(f"| {name} | {sc['1p']:.1f} → {sc['2p']:.1f} | {m['speedup_scoring']:.2f}× | {m['speedup_wall']:.2f}× | "
+                   f"{'yes' if m['identical_tables'] else 'NO'} / {'yes' if m['identical_plans'] else 'NO'} |")
+    return "\n".join(out) + "\n"
+
+
+def estimator_speed(d=None) -> str:
+    """Hessian vs measured on the small residual CNN with a task loss (issue 16 item 11)."""
+    d = d or _load("estimator_speed.json")
+    out = [f"From {_commit(d)}; {d['case']}; {d['rounds']} interleaved rounds, load average "
+           f"{_load_avg(d['loadavg_before'])}.", "",
+           "| estimator | median s | × measured | probes | max \\|z\\| vs a 400-probe reference |", "|---|---|---|---|---|"]
+    for k, lab in (("measured", "measured"), ("hessian-old", "hessian (round 1)"), ("hessian", "hessian (now, default)")):
+        h = d.get(k, {}) if k != "measured" else {}
+        out.append(f"| {lab} | {d['median_s'][k]:.1f} | {d['ratio_to_measured'][k]:.1f} | {h.get('probes', '—')} | "
+                   f"{h['max_abs_z']:.2f} |" if h else f"| {lab} | {d['median_s'][k]:.1f} | 1.0 | — | — |")
+    return "\n".join(out) + "\n"
+
+
+def decoupled(d=None) -> str:
+    """Which of decoupled's metrics are distinct on each model, and the groups they form."""
+    d = d or _load("decoupled_metrics.json")
+    out = [f"From {_commit(d)}; bits {d['bits']}, {d['batches']} calibration batch.", "",
+           "| model | merged as proportional | distinct metrics | group sizes | gram / loss spread over layers |",
+           "|---|---|---|---|---|"]
+    for name, m in d["models"].items():
+        out.append(f"| {name} | {', '.join(f'{a} ∝ {b}' for a, b in m['proportional'].items()) or '—'} | "
+                   f"{', '.join(m['distinct_metrics'])} | {', '.join(f'{k} {v}' for k, v in m['group_sizes'].items())} | "
+                   f"{m['ratio_to_loss']['gram']['spread_max_over_min']:.1f}× |")
+    return "\n".join(out) + "\n"
+
+
+SECTIONS = {"latency": latency, "distributed": distributed, "estimator_speed": estimator_speed, "decoupled": decoupled,
+            "quality": quality, "refine": refine, "methods": methods, "kernel_constraints": kernel_constraints,
             "kernels": kernels}
 
 
