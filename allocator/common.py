@@ -144,3 +144,31 @@ def finish(problem: Problem, row_of: np.ndarray, choice_red: np.ndarray, bound: 
         bound = obj
     status = "optimal" if proven(obj, bound, spread) else "feasible"
     return Solution(choice, obj, bound, status, method, time.perf_counter() - t0, totals, info)
+
+
+def new_highs():
+    """A ``highspy.Highs()`` with output off, without the banner highspy >= 1.16 prints to the
+    process's stdout (file descriptor 1, from C++) when one is constructed: a library must not write
+    there. The descriptor is pointed at /dev/null only while the object is built."""
+    import os
+    import sys
+
+    import highspy
+    try:
+        sys.stdout.flush()
+        fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+        saved = os.dup(fd)
+    except (OSError, ValueError, AttributeError):          # no real stdout (embedded, closed): nothing to hide
+        h = highspy.Highs()
+    else:
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), fd)
+                try:
+                    h = highspy.Highs()
+                finally:
+                    os.dup2(saved, fd)
+        finally:
+            os.close(saved)
+    h.setOptionValue("output_flag", False)
+    return h

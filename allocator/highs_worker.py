@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from .common import new_highs
+
 __all__ = ["solve_arrays", "set_options", "RENS_MIN_COLUMNS"]
 
 # RENS sub-MIPs only for MILPs with at least this many columns (after reduced-cost fixing).
@@ -52,7 +54,7 @@ def solve_arrays(m: dict, time_limit: float | None, x0: np.ndarray | None, threa
     import highspy
 
     t0 = time.perf_counter()
-    h = highspy.Highs()
+    h = new_highs()
     set_options(h, time_limit, threads, msg, rel_gap, rens=m["num_col"] >= RENS_MIN_COLUMNS)
     h.passModel(m["num_col"], m["num_row"], m["num_nz"], int(highspy.MatrixFormat.kColwise),
                 int(highspy.ObjSense.kMinimize), 0.0, m["col_cost"], m["col_lower"], m["col_upper"],

@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import InfeasibleBudgetError
 
-from .common import OPT_RTOL, Tables, argmin0, finish, remaining
+from .common import OPT_RTOL, Tables, argmin0, finish, new_highs, remaining
 from .greedy import feasible, improve, repair
 from .problem import Problem, Solution
 from .registry import register
@@ -109,8 +109,7 @@ def _bundle(dual: _Dual, K: int, iters: int, deadline, tol: float) -> None:
     """Trust-region cutting planes on d(λ), λ in R^K_+ (every evaluation stays a valid bound)."""
     import highspy
 
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = new_highs()
     d_c, center, _ = dual.best
     delta = np.maximum(np.max([c[0] for c in dual.cuts], axis=0), 1e-3)       # (K,)
     for _ in range(iters):

@@ -89,3 +89,16 @@ def test_dp_reports_grid_and_rejects_two_budgets():
     q = Problem(p.loss, {"a": p.costs["a"], "b": p.costs["a"]}, {"a": 10.0, "b": 12.0})
     with pytest.raises(ValueError, match="exactly one budget"):
         solve(q, method="dp")
+
+
+def test_solvers_never_write_to_stdout(capfd):
+    """highspy >= 1.16 prints a banner on fd 1 whenever a Highs object is built; a library must not."""
+    import numpy as np
+
+    from bitplan.allocator import Problem, solve
+    rng = np.random.default_rng(0)
+    loss, size = rng.random((30, 4)), np.tile(np.array([1.0, 2.0, 3.0, 4.0]), (30, 1))
+    for method in ("highs", "lagrange", "auto"):
+        solve(Problem(loss, {"size": size}, {"size": 75.0}), method=method)
+    out, _ = capfd.readouterr()
+    assert out == "", out
