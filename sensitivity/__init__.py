@@ -1,7 +1,8 @@
 """Sensitivity estimators: ``score(model, data, method) -> Sensitivity`` (L x B loss table).
 
 Estimators (one per file, registered by name): hessian (HAWQ-V3), fisher (ModelOpt auto_quantize),
-decoupled (MixDQ), lim / zd (Layer-wise Quantization), measured (CalibTIP / ExLlamaV2).
+decoupled (MixDQ), lim / zd (Layer-wise Quantization), measured (CalibTIP / ExLlamaV2), block (a
+Hugging Face causal-LM folder streamed one decoder block at a time; HIGGS-style block-local errors).
 
 Example:
     >>> from bitplan.sensitivity import score, load
@@ -10,7 +11,7 @@ Example:
 if __name__ == "bitplan.sensitivity":
     from .registry import ESTIMATORS, ScoreContext, register, score
     from .table import Sensitivity, load
-    from . import decoupled, fisher, hessian, lim, measured, zd  # noqa: F401  (fill the registry)
+    from . import decoupled, fisher, hessian, lim, measured, streaming, zd  # noqa: F401  (fill the registry)
 
     __all__ = ["score", "load", "Sensitivity", "register", "ESTIMATORS", "ScoreContext"]
 else:   # this source folder imported as a top-level 'sensitivity' (the repository root is on sys.path): stay
