@@ -180,9 +180,10 @@ def quant_args(p):
 
 
 def score_args(p):
-    p.add_argument("--sensitivity", default="hessian", metavar="NAME",
+    p.add_argument("--sensitivity", "--method", dest="sensitivity", default="hessian", metavar="NAME",
                    help="sensitivity estimator: hessian (default, HAWQ-V3 Hutchinson traces), fisher, "
-                        "measured, decoupled, lim, zd, ... (an unknown name lists the installed ones)")
+                        "measured, decoupled, lim, zd, block (causal-LM folders: streamed one decoder "
+                        "block at a time, memory flat in depth) ... (an unknown name lists the installed ones)")
     p.add_argument("--max-probes", type=positive_int, default=None, metavar="N",
                    help="hessian only: cap on Hutchinson probes (one Hessian-vector product each; "
                         "estimator default 64)")
