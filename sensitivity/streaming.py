@@ -50,7 +50,7 @@ from ..core.batches import as_batches, run_model
 from ..core.graph import LayerGraph, layer_weight_2d
 from ..kernels.actquant import fake_quantize_act
 from ..kernels.calibstats import StatsCollector
-from ..kernels.modules import fake_weight, option_mask
+from ..kernels.modules import fake_weight, needs_stats, option_mask
 from .hf_stream import StreamedLM, source_dir
 from .losses import kl_to_reference
 from .registry import register
@@ -87,11 +87,14 @@ def _swap(module, w):
 
 @register("block", streaming=True)
 def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=None, seed: int = 0,
-          measure: str = "anchor", noise_draws: int = 2, noise_rel: float = 0.03) -> Sensitivity:
+          measure: str = "anchor", noise_draws: int = 2, noise_rel: float = 0.03,
+          anchor_batches: int | None = 2) -> Sensitivity:
     """Block-streaming table (L, B) for a causal-LM folder (see the module docstring).
 
     ``model``: the folder, or a model loaded from one (only its config's folder is used; its weights
     are never read). ``measure``: "anchor" (one measured option per layer, default) or "all".
+    ``anchor_batches``: calibration batches the anchor's block error is measured on (γ is a ratio of
+    two errors on the same tokens, so a few batches suffice; None = all); "all" uses every batch.
 
     Example: ``score("llama_dir", batches, method="block", measure="all")``
     """
@@ -142,9 +145,14 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                     st = col.stats[n]
                     w2 = layer_weight_2d(mod, info.kind).detach().float()
                     e = np.zeros(B)
+                    dcols = st.xtx.diagonal() / max(st.n_tokens, 1)                    # (K,) E[x_k²]
                     for j in np.nonzero(allowed[i])[0]:
                         wq = fake_weight(mod, info.kind, specs[j], st)
-                        e[j] = st.output_error(layer_weight_2d(_Tmp(wq), info.kind).float() - w2)
+                        dw = layer_weight_2d(_Tmp(wq), info.kind).float() - w2                # (N, K)
+                        # only ratios e(b)/e(anchor) matter: the diagonal of Σ is enough for rounding
+                        # errors that are independent across input channels (rtn, clip); methods that
+                        # shape ΔW against Σ (gptq, awq) get the exact tr(ΔW Σ ΔWᵀ)
+                        e[j] = st.output_error(dw) if needs_stats(specs[j]) else float((dw.pow(2) * dcols).sum())
                     a = _anchor(specs, allowed[i])
                     todo = [j for j in np.nonzero(allowed[i])[0]
                             if measure == "all" or j == a or specs[j].act_bits is not None]
@@ -155,8 +163,11 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                             bits = specs[j].act_bits
                             hook = mod.register_forward_pre_hook(
                                 lambda m, args, b=bits: (fake_quantize_act(args[0], b),) + tuple(args[1:]))
+                        nb = len(h) if (measure == "all" or j != a or not anchor_batches) else min(anchor_batches, len(h))
+                        ntok = sum(x[..., 0].numel() for x in h[:nb])
                         try:
-                            D[i, j] = sum(_sq(lm.run_block(k, x, kw), yy) for x, kw, yy in zip(h, kws, y)) / tokens
+                            D[i, j] = sum(_sq(lm.run_block(k, x, kw), yy)
+                                          for x, kw, yy in zip(h[:nb], kws[:nb], y[:nb])) / ntok
                         finally:
                             if hook is not None:
                                 hook.remove()
@@ -199,7 +210,7 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                     _swap(mod, saved)
     loss = np.where(allowed, alpha * D + head_kl, 0.0)
     meta = {"alpha": alpha, "alpha_draws": ratios, "gamma": np.nan_to_num(gamma).tolist(), "block_sq_err": D,
-            "head_kl": head_kl, "measure": measure, "block_forwards": fwd, "blocks": len(lm.block_names),
+            "head_kl": head_kl, "measure": measure, "anchor_batches": anchor_batches, "block_forwards": fwd, "blocks": len(lm.block_names),
             "peak_block_params": lm.peak_block_params,
             "block_params": max(sum(p.numel() for p in b.parameters()) for b in lm.blocks),
             "bytes_read": lm.shards.bytes_read, "tokens": tokens, "source": path,
