@@ -134,7 +134,7 @@ def main(argv=None) -> None:
     record = {**provenance(), "what": "bitplan plan --method block --avg-bits 4 on random Llama folders "
               "(random weights: cost only, not quality)", "shape": SHAPE, "baseline_whole_model": BASELINE,
               "cpu_count": os.cpu_count(), "results": rows}
-    from bitplan.core.jsonio import write_json
+    from bitplan.core.jsonio import atomic_write_json as write_json
     if os.path.exists(RESULT):       # keep depths measured by earlier (bounded) runs
         with open(RESULT, encoding="utf-8") as f:
             old = json.load(f)
