@@ -86,15 +86,27 @@ def packed_bytes(folder: str) -> int:
     return total
 
 
+def check_size(packed: str, predicted: float) -> dict:
+    """The packed model's bytes (every parameter and buffer, as the size cost model counts them) vs the
+    plan's prediction; the safetensors hold 256 B less: the rotary inv_freq buffers are computed, not stored."""
+    from bitplan import load_packed
+    from bitplan.costmodels import model_nbytes
+    real = model_nbytes(load_packed(packed))
+    return {"packed_model_bytes": real, "packed_tensor_bytes": packed_bytes(packed), "size_exact": real == predicted}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--timeout", type=float, default=1500, help="seconds per model (the machine is shared)")
     ap.add_argument("--apply", type=int, nargs="*", default=[], help="depths to also pack and check the size of")
     ap.add_argument("--worker", nargs=2, metavar=("DIR", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--check-size", nargs=2, metavar=("PACKED", "PREDICTED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(*args.worker)
+    if args.check_size:
+        return print(json.dumps(check_size(args.check_size[0], float(args.check_size[1]))))
     sys.path.insert(0, ROOT)
     from benchmarks.provenance import provenance
     os.makedirs(OUT, exist_ok=True)
@@ -127,8 +139,7 @@ def main(argv=None) -> None:
                                capture_output=True, text=True)
             rec["apply_rc"] = q.returncode
             if q.returncode == 0:
-                rec["packed_tensor_bytes"] = packed_bytes(packed)
-                rec["size_exact"] = rec["packed_tensor_bytes"] == rec["predicted_size_bytes"]
+                rec.update(check_size(packed, rec["predicted_size_bytes"]))
         rows[str(n)] = rec
         print(json.dumps(rec), flush=True)
     record = {**provenance(), "what": "bitplan plan --method block --avg-bits 4 on random Llama folders "
