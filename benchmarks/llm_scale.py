@@ -69,6 +69,8 @@ def worker(path: str, out: str) -> None:
            "solver_status": plan["solver"]["status"], "predicted_size_bytes": plan["predicted"]["size_bytes"],
            "budget_size_bytes": plan["budgets"]["size_bytes"], "layers_planned": len(plan["layers"]),
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           # CPU seconds (user + sys, all threads): less sensitive than wall time to the other jobs
+           "cpu_s": sum(getattr(resource.getrusage(resource.RUSAGE_SELF), k) for k in ("ru_utime", "ru_stime")),
            "bits": sorted({v["bits"] for v in plan["layers"].values()})}
     with open(out, "w", encoding="utf-8") as f:
         json.dump(rec, f)
