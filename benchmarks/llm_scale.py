@@ -58,9 +58,20 @@ def build(layers: int) -> str:
 
 def worker(path: str, out: str) -> None:
     """Run `bitplan plan --method block` in this process; write timings and peak RSS to ``out``."""
+    import threading
+
     from bitplan.cli import main
     plan_path = out + ".plan.json"
     t0 = time.perf_counter()
+
+    def progress():                     # peak RSS so far, so that a run cut by the timeout still says something
+        while True:
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            with open(out + ".progress", "w", encoding="utf-8") as f:
+                json.dump({"elapsed_s": time.perf_counter() - t0, "peak_rss_mib_so_far": ru.ru_maxrss / 1024,
+                           "cpu_s_so_far": ru.ru_utime + ru.ru_stime}, f)
+            time.sleep(20)
+    threading.Thread(target=progress, daemon=True).start()
     rc = main(["plan", "--model", path, "--method", "block", "--avg-bits", "4", "--out", plan_path, "--quiet"])
     wall = time.perf_counter() - t0
     with open(plan_path, encoding="utf-8") as f:
@@ -124,6 +135,9 @@ def main(argv=None) -> None:
                                timeout=args.timeout, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
             rows[str(n)] = {"timed_out_after_s": args.timeout}
+            if os.path.exists(out + ".progress"):
+                with open(out + ".progress", encoding="utf-8") as f:
+                    rows[str(n)].update(json.load(f))
             print(f"{n} layers: timed out after {args.timeout} s", flush=True)
             continue
         if p.returncode != 0:
