@@ -108,11 +108,25 @@ def check_size(packed: str, predicted: float) -> dict:
     return {"packed_model_bytes": real, "packed_tensor_bytes": packed_bytes(packed), "size_exact": real == predicted}
 
 
+def pack_and_check(path: str, out: str, n: int, timeout: float, predicted: float) -> dict:
+    """`bitplan apply` (whole model in memory: not streamed) of run ``out``'s plan, then check_size."""
+    packed = os.path.join(OUT, f"packed_{n}L")
+    t0 = time.perf_counter()
+    q = subprocess.run([sys.executable, "-m", "bitplan", "apply", "--model", path, "--plan", out + ".plan.json",
+                        "--out", packed, "--quiet"], timeout=timeout, capture_output=True, text=True)
+    rec = {"apply_rc": q.returncode, "apply_wall_s": time.perf_counter() - t0}
+    if q.returncode == 0:
+        rec.update(check_size(packed, predicted))
+    return rec
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--timeout", type=float, default=1500, help="seconds per model (the machine is shared)")
     ap.add_argument("--apply", type=int, nargs="*", default=[], help="depths to also pack and check the size of")
+    ap.add_argument("--apply-only", action="store_true",
+                    help="pack the plans of an earlier run (--layers) and check their size; no re-scoring")
     ap.add_argument("--worker", nargs=2, metavar=("DIR", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--check-size", nargs=2, metavar=("PACKED", "PREDICTED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -125,6 +139,13 @@ def main(argv=None) -> None:
     os.makedirs(OUT, exist_ok=True)
     rows = {}
     for n in args.layers:
+        if args.apply_only:
+            with open(RESULT, encoding="utf-8") as f:
+                rec = json.load(f)["results"][str(n)]
+            rows[str(n)] = {**rec, **pack_and_check(build(n), os.path.join(OUT, f"run_{n}L.json"), n, args.timeout,
+                                                    rec["predicted_size_bytes"])}
+            print(json.dumps(rows[str(n)]), flush=True)
+            continue
         path = build(n)
         fp32 = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
         out = os.path.join(OUT, f"run_{n}L.json")
@@ -149,13 +170,7 @@ def main(argv=None) -> None:
         rec.update({"layers": n, "fp32_weights_mib": fp32 / 2 ** 20, "subprocess_wall_s": time.perf_counter() - t0,
                     "score_s_per_layer": rec["score_s"] / n, "loadavg_before": load0, "loadavg_after": os.getloadavg()})
         if n in args.apply:
-            packed = os.path.join(OUT, f"packed_{n}L")
-            q = subprocess.run([sys.executable, "-m", "bitplan", "apply", "--model", path, "--plan",
-                                out + ".plan.json", "--out", packed, "--quiet"], timeout=args.timeout,
-                               capture_output=True, text=True)
-            rec["apply_rc"] = q.returncode
-            if q.returncode == 0:
-                rec.update(check_size(packed, rec["predicted_size_bytes"]))
+            rec.update(pack_and_check(path, out, n, args.timeout, rec["predicted_size_bytes"]))
         rows[str(n)] = rec
         print(json.dumps(rec), flush=True)
     record = {**provenance(), "what": "bitplan plan --method block --avg-bits 4 on random Llama folders "
