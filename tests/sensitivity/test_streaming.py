@@ -116,3 +116,15 @@ def test_bad_inputs(qwen):
         score(qwen, _batches(samples=4), method="block", loss_fn=lambda m, b: m(**b).logits.sum())
     with pytest.raises(ValueError, match="measure="):
         score(qwen, _batches(samples=4), method="block", measure="some")
+
+
+def test_allocate_on_lazy_model(qwen):
+    """load_model(lazy=True) keeps every weight on the meta device; allocate + block still plan it."""
+    import bitplan
+    from bitplan.models import load_model
+    spec = load_model(qwen, lazy=True, seq_len=32, calib_samples=8)
+    assert all(p.is_meta for p in spec.model.parameters())
+    plan = bitplan.allocate(spec.model, budget_mb=0.06, calib_data=spec.calib_data, sensitivity="block",
+                            bits=(2, 4, 8))
+    assert plan.estimator["name"] == "block" and "model.embed_tokens" in plan.layers
+    assert plan.predicted["size_bytes"] <= 0.06 * 10 ** 6
