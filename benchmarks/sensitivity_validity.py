@@ -1,8 +1,11 @@
 """Do the sensitivity tables predict the loss that quantization really causes?
 
-For MiniLM-L6 (built-in ``minilm``: sentence embeddings, label-free MSE to the fp embeddings) and a
+For MiniLM-L6 (built-in ``minilm``: sentence embeddings, label-free MSE to the fp embeddings), a
 small residual MLP trained here on sklearn digits (cached in benchmarks/out/digits_mlp.pt; label-free
-KL to the fp logits), every registered estimator scores all (layer, bits) pairs, and we report:
+KL to the fp logits) and ``tinyllama`` (a 4-block Llama-architecture HF folder trained briefly here on
+the built-in calibration text, next-token KL; the only one the block-streaming estimator ``block``
+applies to, since it streams HF decoder LMs), every registered estimator scores all (layer, bits)
+pairs, and we report:
 
 - rho_calib: Spearman rank correlation, over all (layer, bits) pairs, between the predicted table and
   the measured one-layer-at-a-time loss increase on the calibration data (the ``measured`` table; so
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-METHODS = ("hessian", "fisher", "decoupled", "lim", "zd", "measured")
+METHODS = ("hessian", "fisher", "decoupled", "lim", "zd", "measured")    # + "block" on causal-LM folders
 BITS = (2, 3, 4, 8)
 
 
@@ -91,13 +94,55 @@ def digits_spec():
     return model, calib, held, "kl", {"test_accuracy": acc}
 
 
+def tinyllama_spec():
+    """A 4-block Llama-architecture HF folder (hidden 128, GQA 4/2 heads, SwiGLU 352, the 512-token BPE
+    of tests/llm_fixtures.py) trained briefly here on bitplan's built-in calibration text (next-token
+    CE; cached in benchmarks/out/tinyllama): HF-shaped, so the block-streaming estimator applies.
+    Calib: 8 x 4 windows of 64 tokens of the calibration text; held-out: 4 x 4 windows of the
+    held-out text (other sources). Label-free next-token KL."""
+    sys.path.insert(0, os.path.join(os.path.dirname(OUT), "..", "tests"))
+    from llm_fixtures import train_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bitplan.models import lm_batches, text
+    tok = train_tokenizer(512)
+    path = os.path.join(OUT, "tinyllama")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        cfg = AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"], hidden_size=128,
+                                   intermediate_size=352, num_attention_heads=4, num_key_value_heads=2,
+                                   num_hidden_layers=4, max_position_embeddings=256, vocab_size=len(tok),
+                                   tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+        ids = tok(text("calib"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=0.01)
+        g = torch.Generator().manual_seed(0)
+        for step in range(600):
+            starts = torch.randint(0, len(ids) - 65, (16,), generator=g)
+            x = torch.stack([ids[s:s + 65] for s in starts])
+            loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    calib = lm_batches(tok, text("calib"), 64, 32, 4)
+    held = lm_batches(tok, text("heldout"), 64, 16, 4)
+    with torch.no_grad():
+        ppl = float(np.exp(np.mean([float(model(**b, labels=b["input_ids"]).loss) for b in held])))
+    return model, calib, held, "kl", {"heldout_perplexity": ppl, "folder": os.path.relpath(path, os.path.dirname(OUT))}
+
+
 def minilm_spec():
     from bitplan.models import load_model
     spec = load_model("minilm")
     return spec.model, spec.calib_data, spec.eval_data[:2], None, {}   # 2 x 16 held-out sentences
 
 
-SPECS = {"minilm": minilm_spec, "digits": digits_spec}
+SPECS = {"minilm": minilm_spec, "digits": digits_spec, "tinyllama": tinyllama_spec}
+STREAMED = {"tinyllama": ("block",)}      # estimators that only apply to HF causal-LM folders
 
 
 # ---------------------------------------------------------------- worker (one estimator, own process)
@@ -173,7 +218,7 @@ def ground_truth(model_name: str, names: list[str], fresh: bool, n_cfg: int, see
 
 def evaluate(model_name: str, threads: int, fresh: bool, n_cfg: int, seed: int = 0) -> list[dict]:
     _, _, _, _, info = SPECS[model_name]()
-    tables = {m: table(model_name, m, threads, fresh) for m in METHODS}
+    tables = {m: table(model_name, m, threads, fresh) for m in METHODS + STREAMED.get(model_name, ())}
     names = tables["measured"].names
     meas = tables["measured"].loss
     held_path, cfg_path = ground_truth(model_name, names, fresh, n_cfg, seed)
@@ -183,13 +228,14 @@ def evaluate(model_name: str, threads: int, fresh: bool, n_cfg: int, seed: int =
     rows = []
     for m, t in tables.items():
         col = {b: j for j, b in enumerate(t.bits)}
-        pred = np.array([sum(t.loss[names.index(n), col[b]] for n, b in c["config"].items()) for c in cfgs])
+        loss = t.loss[[t.names.index(n) for n in names]]          # rows in the measured table's order
+        pred = np.array([sum(loss[names.index(n), col[b]] for n, b in c["config"].items()) for c in cfgs])
         ok = true > 0
         rel = np.abs(pred[ok] - true[ok]) / true[ok]
         scale = np.median(true[ok] / np.maximum(pred[ok], 1e-300))
         rel_fit = np.abs(scale * pred[ok] - true[ok]) / true[ok]
-        rows.append({"model": model_name, "method": m, "rho_calib": spearman(t.loss, meas),
-                     "rho_held": spearman(t.loss, held_tab), "rel_err": float(np.median(rel)),
+        rows.append({"model": model_name, "method": m, "rho_calib": spearman(loss, meas),
+                     "rho_held": spearman(loss, held_tab), "rel_err": float(np.median(rel)),
                      "rel_err_fit": float(np.median(rel_fit)), "rho_cfg": spearman(pred, true),
                      "wall_s": t.meta["bench_wall_s"], "cpu_s": t.meta.get("bench_cpu_s", float("nan")),
                      "rss_mib": t.meta["bench_peak_rss_mib"],
@@ -204,6 +250,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", type=int, default=24, help="random mixed-precision configurations")
     ap.add_argument("--fresh", action="store_true", help="recompute cached tables and ground truth")
+    ap.add_argument("--results", metavar="FILE", help="also write the rows with provenance to FILE "
+                    "(e.g. benchmarks/results/sensitivity_validity_tinyllama.json)")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     ap.add_argument("--truth", nargs=2, metavar=("MODEL", "WHICH"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -223,6 +271,13 @@ def main(argv=None) -> None:
         rows += evaluate(m, a.threads, a.fresh, a.configs)
     with open(os.path.join(OUT, "sensitivity_validity.json"), "w") as f:
         json.dump(rows, f, indent=1)
+    if a.results:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from benchmarks.provenance import provenance
+
+        from bitplan.core.jsonio import atomic_write_json
+        atomic_write_json(a.results, {**provenance(), "bits": list(BITS), "threads": a.threads,
+                                      "loadavg": os.getloadavg(), "rows": rows})
     hdr = (f"{'model':7} {'method':9} {'rho_calib':>9} {'rho_held':>8} {'add_rel_err':>11} "
            f"{'add_err_fit':>11} {'rho_cfg':>7} {'wall_s':>7} {'cpu_s':>7} {'peakRSS_MiB':>11}")
     print(f"torch {torch.__version__}, {a.threads} threads (shared machine), bits {BITS}")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ModelSpec", "load_model", "sentences", "text", "SentenceEncoder", "minilm_dir",
-           "skeleton_from_config", "is_causal_lm_config", "lm_batches", "KINDS"]
+           "skeleton_from_config", "is_causal_lm_config", "lm_batches", "KINDS", "lazy_causal_lm"]
 
 _DATA = os.path.join(os.path.dirname(__file__), "data")
 KINDS = ("encoder", "causal_lm", "custom")
@@ -172,19 +172,36 @@ def skeleton_from_config(path: str, model_class: str) -> nn.Module:
         return SentenceEncoder(AutoModel.from_config(cfg, attn_implementation="eager")).eval()
 
 
+def lazy_causal_lm(path: str) -> nn.Module:
+    """The causal LM of ``path`` with every parameter on the meta device: names, shapes, graph and
+    sizes without reading (or holding) a weight; ``config._name_or_path`` is the folder, which the
+    streaming estimator (``method="block"``) reads a block at a time."""
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    model.config._name_or_path = path
+    return model.eval()
+
+
 def _load_hf(path: str, name: str, n_calib: int, batch_size: int, lm: dict) -> ModelSpec:
     _quiet_transformers()
     cfg = _read_config(path)
     if is_causal_lm_config(cfg):
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32,
-                                                     local_files_only=True, trust_remote_code=False).eval()
+        if lm.get("lazy"):
+            model = lazy_causal_lm(path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32,
+                                                         local_files_only=True, trust_remote_code=False).eval()
         tok = _tokenizer(path)
         calib_txt = lm.get("calib_text") or text("calib")
         seq, n = lm.get("seq_len") or 128, lm.get("calib_samples") or 32
         calib = lm_batches(tok, calib_txt, seq, n, lm.get("batch_size") or 4)
         held = lm_batches(tok, text("heldout"), seq, 32, lm.get("batch_size") or 4)
-        return ModelSpec(name, model, calib, held, "causal_lm", path, {"tokenizer": tok, "seq_len": seq})
+        return ModelSpec(name, model, calib, held, "causal_lm", path,
+                         {"tokenizer": tok, "seq_len": seq, "lazy": bool(lm.get("lazy"))})
     from transformers import AutoModel
     enc = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True,
                                     trust_remote_code=False).eval()
@@ -196,19 +213,21 @@ def _load_hf(path: str, name: str, n_calib: int, batch_size: int, lm: dict) -> M
 
 
 def load_model(spec: str, n_calib: int = 64, batch_size: int = 16, calib_text: str | None = None,
-               seq_len: int | None = None, calib_samples: int | None = None) -> ModelSpec:
+               seq_len: int | None = None, calib_samples: int | None = None, lazy: bool = False) -> ModelSpec:
     """Resolve a model spec: ``minilm``, a local HF folder, or ``pkg.module:function``.
 
     ``function()`` may return a model or ``(model, calib_data)``. For causal-LM folders,
     ``calib_text`` (a str) replaces the built-in calibration text, ``seq_len`` / ``calib_samples``
-    the window length and count (defaults 128 and 32).
+    the window length and count (defaults 128 and 32). ``lazy=True`` builds a causal LM on the meta
+    device (no weight read: what the block-streaming estimator and the planner need); other kinds
+    ignore it.
 
     Example: ``load_model("path/to/llama_folder", seq_len=256).calib_data``
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"model spec {spec!r} must be 'minilm', a local Hugging Face folder or "
                          "'pkg.module:function'")
-    lm = {"calib_text": calib_text, "seq_len": seq_len, "calib_samples": calib_samples}
+    lm = {"calib_text": calib_text, "seq_len": seq_len, "calib_samples": calib_samples, "lazy": lazy}
     if spec == "minilm":
         return _load_hf(minilm_dir(), "minilm", n_calib, batch_size, lm)
     if os.path.isdir(spec):

@@ -75,6 +75,15 @@ def scored_table(model, calib_data, opts, graph, method: str = "hessian", loss_f
                  cache, table.method, len(table.names), len(table.options))
         return table
     batches = as_batches(calib_data)
+    from .sensitivity.registry import STREAMING
+    if method in STREAMING:      # reads the model from its folder a block at a time; never runs it whole
+        log.info("scoring %s sensitivity (streamed): %d layers x %d options on %d calibration batches", method,
+                 len(graph.names), len(opts.specs), len(batches))
+        table = score(model, batches, method=method, loss_fn=loss_fn, seed=seed, options=opts.specs, graph=graph,
+                      **(sensitivity_opts or {}))
+        if cache is not None:
+            table.save(cache)
+        return table
     log.info("scoring %s sensitivity: %d layers x %d options on %d calibration batches", method,
              len(graph.names), len(opts.specs), len(batches))
     total = expected_evals(method, int(opts.allowed.sum()), len(batches), sensitivity_opts)

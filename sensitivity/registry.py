@@ -29,20 +29,26 @@ from ..kernels.modules import fake_weight, needs_stats, option_mask
 from .losses import resolve_loss
 from .table import Sensitivity
 
-__all__ = ["ESTIMATORS", "register", "score", "ScoreContext", "DATA_FREE"]
+__all__ = ["ESTIMATORS", "register", "score", "ScoreContext", "DATA_FREE", "STREAMING"]
 
 ESTIMATORS: dict[str, Callable] = {}
 DATA_FREE: set[str] = set()          # estimators that need no calibration data
+STREAMING: set[str] = set()          # estimators that read the model from its folder, a block at a time
 
 
-def register(name: str, data_free: bool = False):
-    """Decorator: ``@register("fisher") def fisher(ctx, **opts) -> (loss, meta)``."""
+def register(name: str, data_free: bool = False, streaming: bool = False):
+    """Decorator: ``@register("fisher") def fisher(ctx, **opts) -> (loss, meta)``.
+
+    ``streaming=True``: ``fn(model_or_folder, calib_data, specs, graph=, loss_fn=, seed=, **opts)
+    -> Sensitivity``; it gets no ScoreContext (which would copy the whole model)."""
     def deco(fn):
         if name in ESTIMATORS:
             raise ValueError(f"estimator {name!r} is registered twice")
         ESTIMATORS[name] = fn
         if data_free:
             DATA_FREE.add(name)
+        if streaming:
+            STREAMING.add(name)
         return fn
     return deco
 
@@ -247,7 +253,7 @@ def score(model: torch.nn.Module, calib_data=None, method: str = "hessian", bits
     """
     if method not in ESTIMATORS:
         raise ValueError(f"unknown sensitivity method {method!r}; known: {sorted(ESTIMATORS)}")
-    if not isinstance(model, torch.nn.Module):
+    if method not in STREAMING and not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
         raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
@@ -257,6 +263,8 @@ def score(model: torch.nn.Module, calib_data=None, method: str = "hessian", bits
             raise ValueError(f"options={options!r} must be a non-empty sequence of distinct QuantSpec")
     else:
         specs = list(option_grid(bits, group_size, act_bits, quant_method, symmetric))
+    if method in STREAMING:     # the model stays on disk: only its folder is read, a block at a time
+        return ESTIMATORS[method](model, calib_data, specs, graph=graph, loss_fn=loss_fn, seed=seed, **opts)
     t0 = time.perf_counter()
     work = copy.deepcopy(model).eval()
     for p in work.parameters():

@@ -180,10 +180,11 @@ def quant_args(p):
 
 
 def score_args(p):
-    p.add_argument("--sensitivity", default="hessian", metavar="NAME",
+    p.add_argument("--sensitivity", "--method", dest="sensitivity", default="hessian", metavar="NAME",
                    help="sensitivity estimator: hessian (default, HAWQ-V3 Hutchinson traces), fisher, "
                         "measured, decoupled (MixDQ: output fidelity vs similarity-structure metrics, layer "
-                        "groups for plan --group-budgets), lim, zd, ... (an unknown name lists the installed ones)")
+                        "groups for plan --group-budgets), lim, zd, block (causal-LM folders: streamed one decoder "
+                        "block at a time, memory flat in depth) ... (an unknown name lists the installed ones)")
     p.add_argument("--max-probes", type=positive_int, default=None, metavar="N",
                    help="hessian only: cap on Hutchinson probes (one Hessian-vector product per "
                         "calibration batch each; default automatic: at most ~4x the forwards of measured, "

@@ -11,8 +11,9 @@ log = logging.getLogger("bitplan")
 _OWNED: list = []            # non-empty while this CLI owns the default process group
 
 
-def load(args):
-    """The ModelSpec of ``--model``; says what it is loading and how long it took."""
+def load(args, lazy: bool = False):
+    """The ModelSpec of ``--model``; says what it is loading and how long it took. ``lazy``: a causal
+    LM stays on the meta device (its weights are read a block at a time by a streaming estimator)."""
     from ..models import load_model
     t0 = time.perf_counter()
     log.info("loading model %s ...", args.model)
@@ -24,7 +25,7 @@ def load(args):
             except UnicodeDecodeError as e:
                 raise ValueError(f"--calib-text {args.calib_text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     spec = load_model(args.model, calib_text=calib_text, seq_len=getattr(args, "seq_len", None),
-                      calib_samples=getattr(args, "calib_samples", None))
+                      calib_samples=getattr(args, "calib_samples", None), lazy=lazy)
     if getattr(args, "calib_batches", None) and spec.calib_data is not None:
         spec.calib_data = list(spec.calib_data)[:args.calib_batches]
     log.info("loaded %s (%s) in %.1f s", args.model, spec.kind, time.perf_counter() - t0)
@@ -125,9 +126,17 @@ def prepare_scoring(args):
     """
     from ..core.graph import LayerGraph
     from ..scoring import scored_table
+    from ..sensitivity.registry import STREAMING
     sopts = check_names(args)
     args.rank = init_distributed(args)
-    spec = load(args)
+    streaming = args.sensitivity in STREAMING
+    if streaming and getattr(args, "refine", None) is not None:
+        raise ValueError(f"--refine measures whole plans on the loaded model; --sensitivity {args.sensitivity} "
+                         "keeps the model on disk (drop --refine, or use a whole-model estimator)")
+    spec = load(args, lazy=streaming)
+    if streaming and spec.kind != "causal_lm":
+        raise ValueError(f"--sensitivity {args.sensitivity} streams a Hugging Face causal-LM folder; "
+                         f"{spec.name!r} is a {spec.kind} model")
     need_calib(spec, "scoring")
     loss_fn = loss_for(args, spec)
     calib = list(spec.calib_data)

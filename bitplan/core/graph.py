@@ -13,7 +13,8 @@ directly instead of calling them, so a packed replacement cannot run there (``ou
 ``nn.MultiheadAttention``, ``linear1``/``linear2`` of ``nn.TransformerEncoderLayer``'s fused fast path),
 and embeddings with ``max_norm`` (they rewrite their own weight in forward).
 
-One calibration batch runs with forward hooks to record input/output shapes and MACs per sample.
+One calibration batch runs with forward hooks (on the meta device when the model's parameters are
+meta, as for a lazily loaded causal LM: shapes and MACs without memory) to record input/output shapes and MACs per sample.
 The data-flow graph comes from ``torch.fx`` when the model traces (edges = nearest quantizable
 ancestors through non-quantizable nodes), otherwise from hook order (a chain in execution order in
 which layers that read the same input tensor become parallel branches of the same predecessor).
@@ -211,6 +212,9 @@ class LayerGraph:
         g.add_nodes_from(l.name for l in layers)
         if batch is None:
             return cls(layers, g, [], "static", skipped)
+        if any(p.is_meta for p in model.parameters()):     # a lazily loaded model: shapes only
+            from .batches import to_device
+            batch = to_device(batch, "meta")
         by_name = {l.name: l for l in layers}
         owner = {a: l.name for l in layers for a in l.modules}          # module fqn -> layer name
         order: list[str] = []

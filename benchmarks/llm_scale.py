@@ -1,0 +1,190 @@
+"""Cost of planning a causal LM vs depth with the block-streaming estimator (``--method block``).
+
+Randomly initialised Llama-architecture folders (hidden 1024, intermediate 2816, GQA 16 query / 4
+key-value heads, SwiGLU, the 512-token byte-level BPE tokenizer of tests/llm_fixtures.py, saved as
+safetensors shards of <= 100 MB) at 4, 8, 16 (32) decoder layers. For each, ONE subprocess runs
+``bitplan plan --model DIR --method block --avg-bits 4`` (default options: bits 2,3,4,5,6,8 x
+per-channel / group 128; default calibration: 32 windows x 128 tokens of the built-in text) and
+reports its wall time, the scoring time (plan.estimator.seconds), the solve time, and its peak RSS
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at exit). ``--apply`` also packs the plan
+(``bitplan apply``, which loads the whole model: not streamed) and compares the packed tensors'
+bytes with the plan's predicted size.
+
+Random weights measure cost (time, memory), never quality.
+
+Baseline (the whole-model path before the streaming estimator, issue 12, same folders, 2 cores):
+4 layers 3,177 MiB / 192 s, 16 layers 10,432 MiB / 745 s.
+
+Run:  python benchmarks/llm_scale.py [--layers 4 8 16] [--timeout 1500] [--apply 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "benchmarks", "out", "llm_scale")
+RESULT = os.path.join(ROOT, "benchmarks", "results", "llm_scale.json")
+SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
+             max_position_embeddings=2048)
+BASELINE = {"4": {"peak_rss_mib": 3177, "seconds": 192}, "16": {"peak_rss_mib": 10432, "seconds": 745}}
+
+
+def build(layers: int) -> str:
+    """Write (once) a random Llama folder with ``layers`` decoder blocks; returns its path."""
+    path = os.path.join(OUT, f"llama_{layers}L")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import torch
+    from llm_fixtures import train_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+    tok = train_tokenizer(512)
+    cfg = AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"], num_hidden_layers=layers,
+                               vocab_size=len(tok), tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, **SHAPE)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(layers)
+        model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path, max_shard_size="100MB")
+    tok.save_pretrained(path)
+    return path
+
+
+def worker(path: str, out: str) -> None:
+    """Run `bitplan plan --method block` in this process; write timings and peak RSS to ``out``."""
+    import threading
+
+    from bitplan.cli import main
+    plan_path = out + ".plan.json"
+    t0 = time.perf_counter()
+
+    def progress():                     # peak RSS so far, so that a run cut by the timeout still says something
+        while True:
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            with open(out + ".progress", "w", encoding="utf-8") as f:
+                json.dump({"elapsed_s": time.perf_counter() - t0, "peak_rss_mib_so_far": ru.ru_maxrss / 1024,
+                           "cpu_s_so_far": ru.ru_utime + ru.ru_stime}, f)
+            time.sleep(20)
+    threading.Thread(target=progress, daemon=True).start()
+    rc = main(["plan", "--model", path, "--method", "block", "--avg-bits", "4", "--out", plan_path, "--quiet"])
+    wall = time.perf_counter() - t0
+    with open(plan_path, encoding="utf-8") as f:
+        plan = json.load(f)
+    rec = {"rc": rc, "wall_s": wall, "score_s": plan["estimator"]["seconds"], "solve_s": plan["solver"]["seconds"],
+           "solver_status": plan["solver"]["status"], "predicted_size_bytes": plan["predicted"]["size_bytes"],
+           "budget_size_bytes": plan["budgets"]["size_bytes"], "layers_planned": len(plan["layers"]),
+           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           # CPU seconds (user + sys, all threads): less sensitive than wall time to the other jobs
+           "cpu_s": sum(getattr(resource.getrusage(resource.RUSAGE_SELF), k) for k in ("ru_utime", "ru_stime")),
+           "bits": sorted({v["bits"] for v in plan["layers"].values()})}
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(rec, f)
+
+
+def packed_bytes(folder: str) -> int:
+    from safetensors import safe_open
+    total = 0
+    for fn in sorted(os.listdir(folder)):
+        if fn.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, fn), "pt") as f:
+                for k in f.keys():
+                    t = f.get_tensor(k)
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def check_size(packed: str, predicted: float) -> dict:
+    """The packed model's bytes (every parameter and buffer, as the size cost model counts them) vs the
+    plan's prediction; the safetensors hold 256 B less: the rotary inv_freq buffers are computed, not stored."""
+    from bitplan import load_packed
+    from bitplan.costmodels import model_nbytes
+    real = model_nbytes(load_packed(packed))
+    return {"packed_model_bytes": real, "packed_tensor_bytes": packed_bytes(packed), "size_exact": real == predicted}
+
+
+def pack_and_check(path: str, out: str, n: int, timeout: float, predicted: float) -> dict:
+    """`bitplan apply` (whole model in memory: not streamed) of run ``out``'s plan, then check_size."""
+    packed = os.path.join(OUT, f"packed_{n}L")
+    t0 = time.perf_counter()
+    q = subprocess.run([sys.executable, "-m", "bitplan", "apply", "--model", path, "--plan", out + ".plan.json",
+                        "--out", packed, "--quiet"], timeout=timeout, capture_output=True, text=True)
+    rec = {"apply_rc": q.returncode, "apply_wall_s": time.perf_counter() - t0}
+    if q.returncode == 0:
+        rec.update(check_size(packed, predicted))
+    return rec
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--timeout", type=float, default=1500, help="seconds per model (the machine is shared)")
+    ap.add_argument("--apply", type=int, nargs="*", default=[], help="depths to also pack and check the size of")
+    ap.add_argument("--apply-only", action="store_true",
+                    help="pack the plans of an earlier run (--layers) and check their size; no re-scoring")
+    ap.add_argument("--worker", nargs=2, metavar=("DIR", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--check-size", nargs=2, metavar=("PACKED", "PREDICTED"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(*args.worker)
+    if args.check_size:
+        return print(json.dumps(check_size(args.check_size[0], float(args.check_size[1]))))
+    sys.path.insert(0, ROOT)
+    from benchmarks.provenance import provenance
+    os.makedirs(OUT, exist_ok=True)
+    rows = {}
+    for n in args.layers:
+        if args.apply_only:
+            with open(RESULT, encoding="utf-8") as f:
+                rec = json.load(f)["results"][str(n)]
+            rows[str(n)] = {**rec, **pack_and_check(build(n), os.path.join(OUT, f"run_{n}L.json"), n, args.timeout,
+                                                    rec["predicted_size_bytes"])}
+            print(json.dumps(rows[str(n)]), flush=True)
+            continue
+        path = build(n)
+        fp32 = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+        out = os.path.join(OUT, f"run_{n}L.json")
+        load0 = os.getloadavg()
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", path, out],
+                               timeout=args.timeout, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            rows[str(n)] = {"timed_out_after_s": args.timeout}
+            if os.path.exists(out + ".progress"):
+                with open(out + ".progress", encoding="utf-8") as f:
+                    rows[str(n)].update(json.load(f))
+            print(f"{n} layers: timed out after {args.timeout} s", flush=True)
+            continue
+        if p.returncode != 0:
+            rows[str(n)] = {"error": p.stderr[-2000:]}
+            print(p.stderr[-2000:], flush=True)
+            continue
+        with open(out, encoding="utf-8") as f:
+            rec = json.load(f)
+        rec.update({"layers": n, "fp32_weights_mib": fp32 / 2 ** 20, "subprocess_wall_s": time.perf_counter() - t0,
+                    "score_s_per_layer": rec["score_s"] / n, "loadavg_before": load0, "loadavg_after": os.getloadavg()})
+        if n in args.apply:
+            rec.update(pack_and_check(path, out, n, args.timeout, rec["predicted_size_bytes"]))
+        rows[str(n)] = rec
+        print(json.dumps(rec), flush=True)
+    record = {**provenance(), "what": "bitplan plan --method block --avg-bits 4 on random Llama folders "
+              "(random weights: cost only, not quality)", "shape": SHAPE, "baseline_whole_model": BASELINE,
+              "cpu_count": os.cpu_count(), "results": rows}
+    from bitplan.core.jsonio import atomic_write_json as write_json
+    if os.path.exists(RESULT):       # keep depths measured by earlier (bounded) runs
+        with open(RESULT, encoding="utf-8") as f:
+            old = json.load(f)
+        record["results"] = {**old.get("results", {}), **rows}
+        record["earlier_runs"] = old.get("earlier_runs", []) + [{k: old.get(k) for k in ("commit", "command", "created")}]
+    write_json(RESULT, record)
+    print("wrote", RESULT)
+
+
+if __name__ == "__main__":
+    main()
