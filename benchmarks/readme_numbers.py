@@ -202,7 +202,41 @@ def decoupled(d=None) -> str:
     return "\n".join(out) + "\n"
 
 
-SECTIONS = {"latency": latency, "distributed": distributed, "estimator_speed": estimator_speed, "decoupled": decoupled,
+def llm_scale(d=None) -> str:
+    """Peak memory and time of streamed scoring vs depth (random Llama folders)."""
+    d = d or _load("llm_scale.json")
+    base = d.get("baseline_whole_model", {})
+    sh = d["shape"]
+    runs = [_commit(d)] + [f"`{r['command']}` at commit {r['commit']['sha'][:10]}" for r in d.get("earlier_runs", [])]
+    out = [f"{d['what']}; hidden {sh['hidden_size']}, intermediate {sh['intermediate_size']}, GQA "
+           f"{sh['num_attention_heads']}/{sh['num_key_value_heads']}, 2 shared cores at load ~10. From " + "; ".join(runs) + ".", "",
+           "| layers | fp32 weights | peak RSS | scoring | s / layer | whole-model path before (peak RSS, s) |",
+           "|---|---|---|---|---|---|"]
+    for n, r in sorted(d["results"].items(), key=lambda kv: int(kv[0])):
+        b = base.get(str(n))
+        out.append(f"| {n} | {r['fp32_weights_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB | {r['score_s']:.0f} s"
+                   + (f" ({r['cpu_s']:.0f} CPU s)" if r.get("cpu_s") else "") + f" | {r['score_s_per_layer']:.0f} | "
+                   + (f"{b['peak_rss_mib']:,} MiB, {b['seconds']} s" if b else "—") + " |")
+    exact = [n for n, r in d["results"].items() if r.get("size_exact")]
+    if exact:
+        r = d["results"][exact[0]]
+        out += ["", f"The {exact[0]}-layer plan packs to exactly its predicted {r['packed_model_bytes']:,} bytes."]
+    return "\n".join(out) + "\n"
+
+
+def validity(d=None, name: str = "sensitivity_validity_tinyllama.json") -> str:
+    """Spearman rho of each estimator's predicted vs measured Δloss (single layers and mixed plans)."""
+    d = d or _load(name)
+    out = [f"From {_commit(d)}; bits {d['bits']}, {d['threads']} thread.", "",
+           "| model | estimator | ρ calib | ρ held-out | ρ mixed plans | additivity err (fit) | wall s |",
+           "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        out.append(f"| {r['model']} | {r['method']} | {r['rho_calib']:.3f} | {r['rho_held']:.3f} | {r['rho_cfg']:.3f} | "
+                   f"{r['rel_err_fit']:.3f} | {r['wall_s']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+SECTIONS = {"llm_scale": llm_scale, "validity_llm": validity, "latency": latency, "distributed": distributed, "estimator_speed": estimator_speed, "decoupled": decoupled,
             "quality": quality, "refine": refine, "methods": methods, "kernel_constraints": kernel_constraints,
             "kernels": kernels}
 
