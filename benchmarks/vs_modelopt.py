@@ -51,6 +51,7 @@ import os
 import sys
 import time
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -118,23 +119,24 @@ def load_task(quick: bool, n_calib: int):
 # ------------------------------------------------------------------------------ memoised quantizer
 class Memo:
     """Quantize each (layer, option) once: ``kernels.modules.quantize_layer`` memoised by (layer name,
-    spec), names resolved from module identity (the fp32 model and each copy are registered). Records
+    spec), names resolved from the module object (the fp32 model and each copy are registered, weakly:
+    a freed copy leaves no entry that a later module could collide with). Records
     the CPU time and peak extra RSS of each first quantization."""
 
     def __init__(self, model, names):
         self.names, self.cache, self.cost = set(names), {}, {}
-        self.ids: dict[int, str] = {}
+        self.ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # module -> layer name
         self.register(model)
         self._orig = kmod.quantize_layer
 
     def register(self, model):
         for n, m in model.named_modules():
             if n in self.names:
-                self.ids[id(m)] = n
+                self.ids[m] = n
         return model
 
     def __call__(self, module, kind, spec, stats=None):
-        name = self.ids.get(id(module))
+        name = self.ids.get(module)
         if name is None or spec.bits == 16:
             return self._orig(module, kind, spec, stats)
         key = (name, spec)
