@@ -97,11 +97,11 @@ def load_task(quick: bool, n_calib: int):
         from bitplan.models import load_model
         spec = load_model("minilm", n_calib=n_calib)
         return "minilm", spec.model.eval(), spec.calib_data, spec.eval_data
-    from transformers import BertConfig, BertModel          # tiny random BERT, K = 128 / 256
+    from transformers import BertConfig, BertModel          # tiny random BERT, K = 256 / 512 (g128 != per channel)
     from bitplan.models import SentenceEncoder
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=256, hidden_size=128, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=256, max_position_embeddings=32)
+    cfg = BertConfig(vocab_size=256, hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=512, max_position_embeddings=32)
     model = SentenceEncoder(BertModel(cfg, add_pooling_layer=False)).eval()
 
     def batches(n, seed):
@@ -354,6 +354,9 @@ def main(argv=None) -> int:
     ap.add_argument("--probes", type=int, default=4, help="ModelOpt score steps per calibration batch")
     ap.add_argument("--hessian-probes", type=int, default=24)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--grid-methods", default="rtn,gptq",
+                    help="methods crossed with the full default grid (gptq: within 0.0004 cosine of awq_gptq "
+                         "at w4g128 in quantizer_methods.json, at 60%% of its calibration time)")
     ap.add_argument("--no-modelopt", action="store_true", help="use the stored ModelOpt plans (--stored)")
     ap.add_argument("--stored", default=OUT, help="results file whose ModelOpt plans to reuse")
     ap.add_argument("--quick", action="store_true", help="tiny random BERT stand-in (CI smoke test)")
@@ -409,6 +412,28 @@ def main(argv=None) -> int:
         print(f"ModelOpt not run ({mo_error}); targets are nominal bytes", flush=True)
 
     rows, targets = [], {}
+    best, score_s, grid_methods = None, {}, sorted(set(args.grid_methods.split(",")) | {"rtn"})
+
+    def snapshot(partial: bool) -> dict:
+        """Write the results so far (a cut run still leaves its numbers, marked partial)."""
+        out = {"benchmark": "vs_modelopt", **provenance(), "task": name, "quick": args.quick,
+               "threads": torch.get_num_threads(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+               "seconds": time.time() - t_start,
+               "setup": {"calib_sentences": sum(b["input_ids"].shape[0] for b in calib), "calib_tokens": tokens,
+                         "heldout_sentences": sum(b["input_ids"].shape[0] for b in held),
+                         "quantizable_layers": qnames, "embeddings_fp16": emb, "base_bytes": bench.base,
+                         "option_set": [s.label for s in option_set(methods)], "estimator": "hessian",
+                         "hessian_probes": probes, "modelopt_score_probes": args.probes,
+                         "grid_methods": grid_methods},
+               "modelopt": {"version": mo_version, "error": mo_error, "source": source, "runs": mo_rows,
+                            "formats": {"awq": ["INT4_AWQ_CFG", "INT8_WEIGHT_ONLY_CFG"],
+                                        "max": ["INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT8_WEIGHT_ONLY_CFG"]}},
+               "targets": {str(b): v for b, v in targets.items()}, "best_method": best,
+               "score_seconds": score_s, "apply_plan_check": bench.checked, "calibration_cost": cost,
+               "rows": rows, "issue_quoted": ISSUE_QUOTED}
+        out["partial"] = partial
+        atomic_write_json(args.out, out)
+        return out
 
     def add(budget, label, plan, metrics, **extra):
         row = {"budget_bits": budget, "label": label, **metrics, **extra,
@@ -434,34 +459,31 @@ def main(argv=None) -> int:
                 quantizer="modelopt", allocation="modelopt", bitplan_quantizer_cosine=ev["cosine"],
                 source=source)
         targets[b] = min(mine) if mine else nominal_target(graph, bench.base, emb, b)
+    snapshot(True)
 
-    # --- bitplan: one table per scoring, re-solved at every budget
-    sets = {"rtn": option_set(["rtn"]), "methods": option_set(methods)}
-    tables, score_s = {}, {}
-    for key, specs in sets.items():
-        tables[key], score_s[key] = bench.table(specs, probes)
-        print(f"scored {key} ({len(specs)} options) in {score_s[key]:.0f} s", flush=True)
-    configs = [("bitplan_rtn", "rtn", None)] + [(f"bitplan_{m}", "methods", m) for m in methods if m != "rtn"] \
-        + [("bitplan_methods", "methods", "*")]
+    # --- bitplan: ONE hessian scoring over every option used below (one trace estimate), each
+    # configuration solved on its columns of that table at every budget
+    union = list(dict.fromkeys(option_set(methods) + full_grid(grid_methods)))
+    table, table_s = bench.table(union, probes)
+    print(f"scored {len(union)} options in {table_s:.0f} s ({table.meta.get('probes')} probes)", flush=True)
+    in_set = set(option_set(methods))
+    configs = [("bitplan_rtn", lambda s: s in in_set and s.method == "rtn")] \
+        + [(f"bitplan_{m}", (lambda m: lambda s: s in in_set and s.method == m)(m)) for m in methods if m != "rtn"] \
+        + [("bitplan_methods", lambda s: s in in_set),
+           ("bitplan_full_grid", lambda s: s in set(full_grid(grid_methods)))]
     plans = {}
     for b in budgets:
-        for label, key, meth in configs:
-            t = tables[key]
-            cols = [j for j, s in enumerate(t.options) if meth in (None, "*") or s.method == meth or s.bits == 16]
-            plan = bench.solve(t, cols, targets[b])
+        for label, keep_col in configs:
+            cols = [j for j, s in enumerate(table.options) if keep_col(s) or s.bits == 16]
+            plan = bench.solve(table, cols, targets[b])
             plans[(label, b)] = plan
             add(b, label, plan, bench.evaluate(plan), quantizer="bitplan", allocation="bitplan",
-                target_bytes=targets[b])
+                target_bytes=targets[b], options=len(cols))
+        snapshot(True)
     singles = [m for m in methods if m != "rtn"]
     best = max(singles, key=lambda m: np.mean([r["cosine"] for r in rows if r["label"] == f"bitplan_{m}"])) \
         if singles else "rtn"
-    grid_methods = sorted({"rtn", best})
-    tables["full"], score_s["full"] = bench.table(full_grid(grid_methods), probes)
-    print(f"scored full grid x {grid_methods} in {score_s['full']:.0f} s", flush=True)
-    for b in budgets:
-        plan = bench.solve(tables["full"], list(range(len(tables["full"].options))), targets[b])
-        add(b, "bitplan_full_grid", plan, bench.evaluate(plan), quantizer="bitplan", allocation="bitplan",
-            target_bytes=targets[b], methods=grid_methods)
+    score_s = {"union_table": table_s, "options": len(union), "probes": table.meta.get("probes")}
 
     # --- cross checks: each tool's allocation through the other's quantizer
     for b in budgets:
@@ -478,21 +500,7 @@ def main(argv=None) -> int:
                                                             "bytes": None}, quantizer="modelopt",
                 allocation="bitplan")
 
-    out = {"benchmark": "vs_modelopt", **provenance(), "task": name, "quick": args.quick,
-           "threads": torch.get_num_threads(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-           "seconds": time.time() - t_start,
-           "setup": {"calib_sentences": sum(b["input_ids"].shape[0] for b in calib), "calib_tokens": tokens,
-                     "heldout_sentences": sum(b["input_ids"].shape[0] for b in held),
-                     "quantizable_layers": qnames, "embeddings_fp16": emb, "base_bytes": bench.base,
-                     "option_set": [s.label for s in option_set(methods)], "estimator": "hessian",
-                     "hessian_probes": probes, "modelopt_score_probes": args.probes},
-           "modelopt": {"version": mo_version, "error": mo_error, "source": source, "runs": mo_rows,
-                        "formats": {"awq": ["INT4_AWQ_CFG", "INT8_WEIGHT_ONLY_CFG"],
-                                    "max": ["INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT8_WEIGHT_ONLY_CFG"]}},
-           "targets": {str(b): v for b, v in targets.items()}, "best_method": best,
-           "score_seconds": score_s, "apply_plan_check": bench.checked, "calibration_cost": cost,
-           "rows": rows, "issue_quoted": ISSUE_QUOTED}
-    atomic_write_json(args.out, out)
+    out = snapshot(False)
     print_table(out)
     print(f"wrote {args.out} ({out['seconds']:.0f} s)")
     return 0
