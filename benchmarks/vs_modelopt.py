@@ -21,11 +21,15 @@ Option set = {4-bit g128, 8-bit per channel (weight-only), unquantized (fp16)}:
   method="awq" for the AWQ variant, so the K fp16 AWQ input scales are counted; "rtn" otherwise),
   INT8 per channel -> QuantSpec(8), none -> QuantSpec(16)), applied with bitplan's packed kernels
   and measured with ``costmodels.model_nbytes`` — the same arithmetic as bitplan's own plans.
-- bitplan: ``allocate(options=..., keep={embeddings: 16}, budget_mb=target)`` with the hessian
-  estimator (24 probes), target = the smaller of the two ModelOpt plans' real bytes at that budget,
-  for each method alone, for the methods as one more option dimension, and for the full default
-  grid (``options.DEFAULTS`` bits x groups) x {rtn, the best single method}. Every bitplan plan's
-  real packed bytes are <= the target.
+- bitplan: ``allocate(options=..., keep={embeddings: 16}, budget_mb=target, sensitivity_table=...)``,
+  target = the smaller of the two ModelOpt plans' real bytes at that budget. ONE hessian scoring
+  (HAWQ-V3 traces, up to 24 probes) covers every option below; each configuration is solved on its
+  columns of that table: each method alone on the option set, the methods as one more option
+  dimension, and the full default grid (``options.DEFAULTS`` bits x groups) x ``--grid-methods``
+  (rtn, gptq). Because calibrated methods are among the options, every column — RTN's too — is
+  scored with the input-aware weight error (``ScoreContext.delta_sq``), so ``bitplan_rtn`` is
+  bitplan's RTN allocation with that error measure (a plain ``quant_method="rtn"`` run scores
+  ‖ΔW‖² instead). Every bitplan plan's real packed bytes are <= the target.
 - Cross checks: ModelOpt's allocation through bitplan's quantizer; bitplan's RTN allocation
   quantized by ModelOpt's AWQ (``mtq.quantize`` with a per-layer config).
 - Calibration cost: CPU time (``time.thread_time``) and peak extra resident memory of quantizing each
@@ -365,7 +369,7 @@ def main(argv=None) -> int:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":     # freed tensors leave the RSS (peak MB)
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     torch.set_num_threads(1)
-    t_start, load0 = time.time(), os.getloadavg()
+    t_start, load0, prov = time.time(), os.getloadavg(), provenance()     # the commit that runs, not a later one
     budgets = [float(b) for b in args.budgets.split(",")]
     methods = [m for m in args.methods.split(",") if m]
     if "rtn" not in methods:
@@ -416,7 +420,7 @@ def main(argv=None) -> int:
 
     def snapshot(partial: bool) -> dict:
         """Write the results so far (a cut run still leaves its numbers, marked partial)."""
-        out = {"benchmark": "vs_modelopt", **provenance(), "task": name, "quick": args.quick,
+        out = {"benchmark": "vs_modelopt", **prov, "task": name, "quick": args.quick,
                "threads": torch.get_num_threads(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
                "seconds": time.time() - t_start,
                "setup": {"calib_sentences": sum(b["input_ids"].shape[0] for b in calib), "calib_tokens": tokens,
