@@ -57,8 +57,13 @@ import time
 import warnings
 import weakref
 
-import numpy as np
-import torch
+if __name__ == "__main__" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+    # fixed mmap threshold so freed tensors leave the resident set (peak MB per layer); re-exec
+    # before the heavy imports
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -366,8 +371,6 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny random BERT stand-in (CI smoke test)")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args(argv)
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":     # freed tensors leave the RSS (peak MB)
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     torch.set_num_threads(1)
     t_start, load0, prov = time.time(), os.getloadavg(), provenance()     # the commit that runs, not a later one
     budgets = [float(b) for b in args.budgets.split(",")]
