@@ -236,7 +236,24 @@ def validity(d=None, name: str = "sensitivity_validity_tinyllama.json") -> str:
     return "\n".join(out) + "\n"
 
 
-SECTIONS = {"llm_scale": llm_scale, "validity_llm": validity, "latency": latency, "distributed": distributed, "estimator_speed": estimator_speed, "decoupled": decoupled,
+def vs_modelopt(d=None) -> str:
+    """bitplan vs ModelOpt auto_quantize on MiniLM at equal real bytes (cosine to fp32)."""
+    d = d or _load("vs_modelopt.json")
+    rows = {(r["label"], r["budget_bits"]): r for r in d["rows"]}
+    cols = [("modelopt_awq", "ModelOpt + AWQ"), ("modelopt_max", "ModelOpt (RTN)"), ("bitplan_rtn", "bitplan RTN"),
+            ("bitplan_methods", "bitplan, methods as an option"), ("bitplan_full_grid", "bitplan default grid × {rtn, gptq}"),
+            ("modelopt_alloc+bitplan_gptq", "ModelOpt's allocation + bitplan GPTQ")]
+    su = d["setup"]
+    out = [f"From {_commit(d)}; ModelOpt {d['modelopt']['version']}, {su['calib_sentences']} calibration sentences, "
+           f"{su['heldout_sentences']} held-out, cosine to fp32 (bytes: real packed bytes; every bitplan plan ≤ the "
+           "smaller ModelOpt plan's bytes).", "",
+           "| effective bits | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for b in sorted({r["budget_bits"] for r in d["rows"]}):
+        out.append(f"| {b:g} | " + " | ".join(f"{rows[k, b]['cosine']:.5f}" if (k, b) in rows else "—" for k, _ in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+SECTIONS = {"vs_modelopt": vs_modelopt, "llm_scale": llm_scale, "validity_llm": validity, "latency": latency, "distributed": distributed, "estimator_speed": estimator_speed, "decoupled": decoupled,
             "quality": quality, "refine": refine, "methods": methods, "kernel_constraints": kernel_constraints,
             "kernels": kernels}
 
