@@ -159,7 +159,8 @@ def kernel_claims(op: str, args: tuple) -> str | None | bool:
     """What the kernel calling ``op`` says about this shape: None (runs it), a reason string (refuses),
     or False when no kernel calls ``op`` with these arguments."""
     from bitplan.kernels.formats import QuantSpec
-    from bitplan.kernels.qlinear import INT4_GROUPS, Int4WeightOnly, Int8WeightOnly, W8A8
+    from bitplan.kernels.qlinear import INT4_GROUPS, Int4WeightOnly, Int8WeightOnly
+    from bitplan.kernels.w8a8 import W8A8
     from bitplan.kernels.capability import w8a8_cpu_path
     m, k, n = args[:3]
     if op == "int8pack":

@@ -52,7 +52,7 @@ from bitplan.kernels.calibrate import calibrate          # noqa: E402
 from bitplan.kernels.capability import W8A8_CPU_IMPLS, cpu_capability, onednn_qlinear_available  # noqa: E402
 from bitplan.kernels.formats import QuantSpec            # noqa: E402
 from bitplan.kernels.packed import PackedLayer           # noqa: E402
-from bitplan.kernels.qlinear import W8A8                 # noqa: E402
+from bitplan.kernels.w8a8 import W8A8                    # noqa: E402
 from bitplan.kernels.registry import kernel_for          # noqa: E402
 from bitplan.kernels.timing import clock_fn, time_interleaved  # noqa: E402
 from provenance import provenance                        # noqa: E402

@@ -43,7 +43,7 @@ def register(name: str):
 
 
 def _fill() -> None:
-    from . import embedding, qlinear  # noqa: F401  (importing fills KERNELS)
+    from . import embedding, qlinear, w8a8  # noqa: F401  (importing fills KERNELS)
 
 
 def get_kernel(name: str) -> type:

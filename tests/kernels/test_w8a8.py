@@ -147,10 +147,10 @@ def test_forced_impl_errors():
 
 @needs_onednn
 def test_7bit_note_is_one_warning():
-    import bitplan.kernels.qlinear as ql
+    import bitplan.kernels.w8a8 as w8
     if w8a8_cpu_path().impl != "onednn_u7":
         pytest.skip("this CPU runs 8-bit activations (no note)")
-    ql._W8A8_WARNED = False
+    w8._W8A8_WARNED = False
     with pytest.warns(RuntimeWarning, match="7 bits") as rec:
         for _ in range(3):
             get_kernel("w8a8").from_module(nn.Linear(16, 16), "linear", torch.randn(16, 16), SPEC)
