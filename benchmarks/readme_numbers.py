@@ -253,7 +253,12 @@ def vs_modelopt(d=None) -> str:
     return "\n".join(out) + "\n"
 
 
-SECTIONS = {"vs_modelopt": vs_modelopt, "llm_scale": llm_scale, "validity_llm": validity, "latency": latency, "distributed": distributed, "estimator_speed": estimator_speed, "decoupled": decoupled,
+def validity_small(d=None) -> str:
+    """The validity table of the whole-model estimators on MiniLM and the digits MLP."""
+    return validity(d, "sensitivity_validity.json")
+
+
+SECTIONS = {"validity": validity_small, "vs_modelopt": vs_modelopt, "llm_scale": llm_scale, "validity_llm": validity, "latency": latency, "distributed": distributed, "estimator_speed": estimator_speed, "decoupled": decoupled,
             "quality": quality, "refine": refine, "methods": methods, "kernel_constraints": kernel_constraints,
             "kernels": kernels}
 
