@@ -147,7 +147,7 @@ def test_readme_cli_lines_and_python_blocks_run(workdir, monkeypatch):
         ran.append(cmd)
     ns = {"model": spec.model, "batches": spec.calib_data[:2]}
     for section, code in _blocks("python"):
-        code = code.replace('"minilm_packed"', '"minilm_packed"')      # the folder `bitplan apply` wrote above
+        # "minilm_packed" is the folder the README's `bitplan apply` line wrote above (same cwd)
         try:
             exec(compile(code, f"README.md {section}", "exec"), ns)
         except Exception as e:                                           # noqa: BLE001
