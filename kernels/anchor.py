@@ -211,14 +211,15 @@ def _available_bytes() -> int | None:
 
 def anchor_profile(profile: LatencyProfile, model: nn.Module | None = None, batch=None, specs=None,
                    forward=None, fixed_name: str = "model", clock: str = "wall", reps: int = 31,
-                   max_seconds: float = 1.0, anchors: dict | None = None) -> LatencyProfile:
+                   max_seconds: float = 1.0, anchors: dict | None = None, graph=None) -> LatencyProfile:
     """Fit ``profile`` to measured whole forwards of ``model`` on ``batch`` (one sample); in place.
 
     ``anchors``: a ``measure_anchors`` result to reuse (then ``model``/``batch`` are not needed);
     otherwise the uniform plans of ``specs`` (None = ``DEFAULT_SPECS``) are timed now. Anchors the
     profile cannot predict (an option or shape it lacks) are left out. Sets
     ``profile.fixed[fixed_name]`` to F, multiplies every entry by s and records the fit in
-    ``profile.meta["anchor"]``. Returns ``profile``.
+    ``profile.meta["anchor"]``. ``graph``: the model's LayerGraph when the caller has built it
+    already. Returns ``profile``.
 
     Example:
         >>> anchor_profile(prof, model, sample, fixed_name="minilm:1x128")
@@ -226,7 +227,7 @@ def anchor_profile(profile: LatencyProfile, model: nn.Module | None = None, batc
     if anchors is None:
         if model is None or batch is None:
             raise ValueError("anchor_profile needs model and batch, or anchors from measure_anchors")
-        anchors = measure_anchors(model, batch, specs, forward, clock, reps, max_seconds)
+        anchors = measure_anchors(model, batch, specs, forward, clock, reps, max_seconds, graph=graph)
     preds, left_out = {}, []
     for name, keys in anchors["plans"].items():
         try:

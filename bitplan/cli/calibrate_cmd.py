@@ -42,12 +42,10 @@ def add(sub, common):
     ca.add_argument("--out", required=True, metavar="FILE", help="where to write the profile JSON")
 
 
-def _print_range(prof, spec, args, sample) -> None:
+def _print_range(prof, spec, args, graph) -> None:
     """The feasible latency range of this model under these options (fastest..slowest plan)."""
-    from ..core.graph import LayerGraph
     from ..costmodels.latency import latency_range
     from .common import resolve_args_options
-    graph = LayerGraph.build(spec.model, sample)
     opts = resolve_args_options(args, graph)
     try:
         r = latency_range(prof, graph, opts, fixed=spec.name if spec.name in prof.fixed else None,
@@ -62,6 +60,7 @@ def _print_range(prof, spec, args, sample) -> None:
 
 def run(args) -> int:
     from ..core.batches import first_sample, to_device
+    from ..core.graph import LayerGraph
     from ..core.spec import option_grid
     from ..kernels.calibrate import calibrate
     if args.clock == "cpu":
@@ -88,11 +87,12 @@ def run(args) -> int:
     if sample is not None and args.device == "cuda":
         spec.model.to("cuda")
         sample = to_device(sample, "cuda")
+    graph = LayerGraph.build(spec.model, sample) if sample is not None else None   # anchors + range
     if args.no_fixed:
         prof.fixed.pop(spec.name, None)
     elif sample is not None and not args.no_anchor:
         from ..kernels.anchor import anchor_profile
-        anchor_profile(prof, spec.model, sample, specs, fixed_name=spec.name, clock=args.clock,
+        anchor_profile(prof, spec.model, sample, specs, fixed_name=spec.name, clock=args.clock, graph=graph,
                        **({"reps": args.reps} if args.reps else {}))
         a = prof.meta["anchor"]
         worst = max(abs(r["rel_error"]) for r in a["anchors"])
@@ -107,6 +107,6 @@ def run(args) -> int:
     prof.save(args.out)
     print(f"wrote {args.out}: {what} on {prof.device.get('type')} "
           f"{prof.device.get('cpu') or prof.device.get('gpu') or ''}".rstrip())
-    if sample is not None:
-        _print_range(prof, spec, args, sample)
+    if graph is not None:
+        _print_range(prof, spec, args, graph)
     return 0
