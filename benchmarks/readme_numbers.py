@@ -98,14 +98,14 @@ def methods(d=None) -> str:
     return "\n".join(out) + "\n"
 
 
-def kernel_constraints(d=None) -> str:
+def kernel_constraints() -> str:
     """Per CPU measured: how often each raw op crashes / is wrong, and whether bitplan's supports() let
     any such case through (violations must be 0 on every CPU)."""
-    files = [("kernel_constraints.json", None), ("kernel_constraints_avx512.json", None)]
+    files = ("kernel_constraints.json", "kernel_constraints_avx512.json")      # one results file per CPU
     out = ["| CPU (torch ISA) | W8A8 path | op | cases | crash | wrong | raise | supports() let through | refused although it works |",
            "|---|---|---|---|---|---|---|---|---|"]
     cmds = []
-    for name, _ in files:
+    for name in files:
         if not os.path.exists(os.path.join(RESULTS, name)):
             continue
         d = _load(name)
