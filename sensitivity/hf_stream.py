@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 
 import torch
@@ -79,8 +78,14 @@ class Shards:
     def __init__(self, path: str):
         idx = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(idx):
-            with open(idx, encoding="utf-8") as f:
-                wmap = json.load(f).get("weight_map", {})
+            from ..core.jsonio import read_json
+            d = read_json(idx, "safetensors index")
+            wmap = d.get("weight_map") if isinstance(d, dict) else None
+            if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+                raise ValueError(f"{idx}: 'weight_map' must map tensor names to shard file names")
+            bad = sorted({v for v in wmap.values() if os.path.basename(v) != v or v in ("", ".", "..")})
+            if bad:       # a shard is a file of this folder: never a path that leaves it
+                raise ValueError(f"{idx}: shard names must be plain file names in the folder, got {bad[:3]}")
             self.where = {k: os.path.join(path, v) for k, v in wmap.items()}
         elif os.path.isfile(os.path.join(path, "model.safetensors")):
             from safetensors import safe_open

@@ -128,3 +128,17 @@ def test_allocate_on_lazy_model(qwen):
                             bits=(2, 4, 8))
     assert plan.estimator["name"] == "block" and "model.embed_tokens" in plan.layers
     assert plan.predicted["size_bytes"] <= 0.06 * 10 ** 6
+
+
+def test_a_shard_index_never_points_outside_its_folder(tmp_path):
+    """model.safetensors.index.json names shard files; one naming a path out of the folder is refused."""
+    import json
+
+    from bitplan.sensitivity.hf_stream import Shards
+    for bad in ("../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"):
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": bad}}))
+        with pytest.raises(ValueError, match="plain file names"):
+            Shards(str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
+    with pytest.raises(ValueError, match="weight_map"):
+        Shards(str(tmp_path))
