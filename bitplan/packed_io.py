@@ -279,11 +279,12 @@ def read_index(folder: str) -> tuple[dict[str, str], int]:
     return wmap, f["metadata"]["total_size"]
 
 
-def _load_sharded(model: nn.Module, folder: str) -> None:
-    """Load the shards of ``folder`` into ``model``: every tensor of the model exactly once (one name of
-    a tied group), none unexpected, each shard holding exactly the tensors the index gives it."""
+def _load_sharded(model: nn.Module, folder: str, index: tuple[dict[str, str], int]) -> None:
+    """Load the shards of ``folder`` (``index``: what :func:`read_index` read) into ``model``: every
+    tensor of the model exactly once (one name of a tied group), none unexpected, each shard holding
+    exactly the tensors the index gives it."""
     from safetensors import SafetensorError, safe_open
-    wmap, want = read_index(folder)
+    wmap, want = index
     sd = model.state_dict()
     keep = unique_state(sd)
     alias = {n: n for n in keep}                 # every model name -> the name its storage is kept under
@@ -321,7 +322,7 @@ def _load_sharded(model: nn.Module, folder: str) -> None:
         total += sum(t.numel() * t.element_size() for t in part.values())
         try:
             _, bad = model.load_state_dict({alias[n]: t for n, t in part.items()}, strict=False)
-        except RuntimeError as e:          # shape mismatch
+        except (RuntimeError, TypeError, ValueError) as e:          # shape / dtype mismatch
             raise ValueError(f"{path}: does not load into the rebuilt model ({str(e)[:300]})") from None
         if bad:
             raise ValueError(f"{path}: tensors {bad[:5]} do not load into the rebuilt model")
@@ -389,7 +390,8 @@ def load_packed(folder, model_factory_or_spec=None) -> nn.Module:
     ``model_factory_or_spec``: a callable returning the fp model (or ``(model, calib_data)``), a model
     spec string (``"minilm"``, ``"pkg.module:function"``, an HF folder), an ``nn.Module`` skeleton (not
     modified), or None to rebuild from the folder itself (built-in name or copied HF config). Only
-    the architecture matters: every tensor is replaced by the saved one.
+    the architecture matters: every tensor is replaced by the saved one, read from ``model.safetensors``
+    or, in a sharded folder, from the shards ``model.safetensors.index.json`` names (:func:`read_index`).
 
     Example: ``model = load_packed("model_dir", "tests.fixtures_models:tiny")``
     """
@@ -399,6 +401,7 @@ def load_packed(folder, model_factory_or_spec=None) -> nn.Module:
 
     folder = os.fspath(folder)
     manifest = read_manifest(folder)
+    index = read_index(folder) if manifest["weights"] == "sharded" else None     # cheap checks first
     plan = Plan.load(os.path.join(folder, PLAN_FILE))
     model = _skeleton(model_factory_or_spec, manifest, folder)
     check_plan(model, plan)
@@ -410,8 +413,8 @@ def load_packed(folder, model_factory_or_spec=None) -> nn.Module:
                          f"e.g. {m}: saved as {was!r}, this machine runs {now!r}; re-apply the plan to the "
                          "fp model here (`bitplan apply`) instead of loading this folder")
     model.bitplan_plan = plan.with_kernels(ran)
-    if manifest["weights"] == "sharded":
-        _load_sharded(model, folder)
+    if index is not None:
+        _load_sharded(model, folder, index)
         return model.eval()
     weights = os.path.join(folder, WEIGHTS_FILE)
     if not os.path.isfile(weights) or os.path.islink(weights):

@@ -181,15 +181,17 @@ def save_packed_streamed(folder_in, plan: Plan, folder_out, calib_data=None, mod
                                                 for x, kw, b in zip(h, kws, batches)])
                         h = y
                     fp = {m: blk.get_submodule(m) for l in find_layers(blk) if l.name in specs for m in l.modules}
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always")
-                        done = quantize_modules_(blk, specs, "packed", stats=stats)
-                    warned.add(caught)
-                    ran.update({f"{bname}.{m}": kern for m, kern in done.items()})
-                    block_bytes += model_nbytes(blk)
-                    write(k + 2, unique_state({f"{bname}.{n}": t for n, t in blk.state_dict().items()}))
-                    for m, mod in fp.items():         # the fp modules back: `materialised` sends them to meta
-                        _set_module(blk, m, mod)
+                    try:
+                        with warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always")
+                            done = quantize_modules_(blk, specs, "packed", stats=stats)
+                        warned.add(caught)
+                        ran.update({f"{bname}.{m}": kern for m, kern in done.items()})
+                        block_bytes += model_nbytes(blk)
+                        write(k + 2, unique_state({f"{bname}.{n}": t for n, t in blk.state_dict().items()}))
+                    finally:    # the fp modules back (`materialised` sends them to meta); the packed ones go
+                        for m, mod in fp.items():
+                            _set_module(blk, m, mod)
             outer = {n: s for n, s in plan.layers.items() if not n.startswith(lm.blocks_fqn + ".")}
             need = {n: lm.model.get_submodule(n) for n, s in outer.items() if needs_stats(s)}
             stats = {}
