@@ -1,7 +1,7 @@
 """Causal LMs end to end through the CLI, on a tiny random Qwen2-style folder with tied embeddings:
-`plan` (no calibration flags: built-in text, next-token KL) -> `apply` (streamed, sharded) -> `eval`; the plan covers the
-embedding / lm_head as ONE tied layer, packed bytes equal the prediction, the packed folder rebuilds
-by itself and generates. Random weights: plumbing and bytes, not quality."""
+`plan` (no calibration flags: built-in text, next-token KL) -> `apply` (streamed: sharded) -> `eval`;
+the plan covers the embedding / lm_head as ONE tied layer, packed bytes equal the prediction, the
+packed folder rebuilds by itself and generates. Random weights: plumbing and bytes, not quality."""
 from __future__ import annotations
 
 import json
