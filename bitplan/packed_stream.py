@@ -90,22 +90,22 @@ def _collect(mods: dict, runs) -> dict:
 
 
 class _Warnings:
-    """The warnings of every block's packing, re-issued once: a fallback to the reference path named
-    per block would repeat for each of the model's blocks."""
+    """The warnings of every block's packing, re-issued once at the end: a fallback to the reference
+    path would otherwise be reported again for each of the model's blocks."""
 
     def __init__(self):
-        self.seen: dict[tuple, str] = {}
-        self.blocks = 0
+        self.first: dict[tuple, str] = {}          # (category, message without its layer list) -> first message
+        self.blocks = 0                            # decoder blocks that warned
 
-    def add(self, caught) -> None:
-        self.blocks += bool(caught)
+    def add(self, caught, block: bool = True) -> None:
+        self.blocks += block and bool(caught)
         for w in caught:
             key = (w.category, str(w.message).split(":")[0].lstrip("0123456789 "))
-            self.seen.setdefault(key, str(w.message))
+            self.first.setdefault(key, str(w.message))
 
     def emit(self) -> None:
-        for (cat, _), msg in self.seen.items():
-            more = f" (the first of {self.blocks} blocks that warned)" if self.blocks > 1 else ""
+        more = f" (as in the first of {self.blocks} decoder blocks that warned)" if self.blocks > 1 else ""
+        for (cat, _), msg in self.first.items():
             warnings.warn(msg + more, cat, stacklevel=3)
 
 
@@ -202,7 +202,7 @@ def save_packed_streamed(folder_in, plan: Plan, folder_out, calib_data=None, mod
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 ran.update(quantize_modules_(lm.model, outer, "packed", stats=stats))
-            warned.add(caught)
+            warned.add(caught, block=False)
             prefix = lm.blocks_fqn + "."
             write(1, unique_state({n: t for n, t in lm.model.state_dict().items() if not n.startswith(prefix)}))
             # outer bytes: the whole model's minus its (meta, fp) blocks'; blocks share nothing with it

@@ -238,3 +238,20 @@ def test_a_tied_tensor_stored_under_both_names_is_refused(qwen, tmp_path):
     (folder / INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"stored twice \(tied names\) \[\('lm_head.codes', 'model.embed_tokens.codes'\)"):
         load_packed(folder)
+
+
+def test_a_reference_path_fallback_is_reported_once_not_per_block(tmp_path):
+    from bitplan.assemble import make_plan
+    from bitplan.core.graph import LayerGraph
+    from bitplan.core.spec import QuantSpec
+    from bitplan.costmodels import base_nbytes
+    from bitplan.packed_stream import save_packed_streamed
+    path = make_causal_lm_folder(tmp_path / "m", "llama", layers=3)
+    model = fp_model(path)
+    g = LayerGraph.build(model)                 # int8 per group of 32: no real kernel, the 'dequant' path
+    plan = make_plan(g, {l.name: QuantSpec(8, 32) for l in g.layers}, base_nbytes(model, g.names))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_packed_streamed(path, plan, tmp_path / "out")
+    msgs = [str(w.message) for w in caught if "'dequant' path" in str(w.message)]
+    assert len(msgs) == 1 and "as in the first of 3 decoder blocks that warned" in msgs[0], msgs
