@@ -18,10 +18,10 @@ the folder: the skeleton comes from the CALLER's factory / model / spec, or from
 built-in model name (only names bitplan ships), or from ``skeleton/config.json`` through
 transformers' ``from_config`` (``trust_remote_code`` is never set; a config that needs remote code
 is refused). File names are fixed, not read from the manifest; shard names in the index must match
-``SHARD_PATTERN`` (never a path, never a link), and every tensor of the rebuilt model must be in exactly
-one shard. Saving writes a new folder beside the
-target and swaps it in, so a failure leaves the previous folder loadable; a non-empty folder that
-is not a bitplan packed folder is never overwritten.
+``SHARD_PATTERN`` (never a path, never a link), and every tensor of the rebuilt model must be in
+exactly one shard. Saving writes a new folder beside the target and swaps it in, so a failure leaves
+the previous folder loadable; a non-empty folder that is not a bitplan packed folder is never
+overwritten.
 
 Example:
     >>> save_packed(model, plan, "out/tiny_w4")            # packs a copy unless already packed
@@ -95,7 +95,10 @@ def _fsync_dir(path: str) -> None:
 
 def check_target(folder) -> str:
     """``folder`` as an absolute path, after checking it may be written: new, empty, or a bitplan
-    packed folder (``ValueError`` otherwise: user files are never overwritten)."""
+    packed folder (``ValueError`` otherwise: user files are never overwritten).
+
+    Example: ``folder = check_target("out/llama_packed")``
+    """
     folder = os.path.abspath(os.fspath(folder))
     if os.path.exists(folder) and (not os.path.isdir(folder) or (
             os.listdir(folder) and not os.path.isfile(os.path.join(folder, MANIFEST_FILE)))):
@@ -109,7 +112,10 @@ def write_folder(folder: str, fill, model_spec=None, source_dir=None, model_clas
     """Write a packed folder atomically; returns the manifest. ``fill(tmp) -> (size_bytes, plan)``
     writes the weights into the temp folder ``tmp`` and returns the packed model's bytes and the plan
     (with the kernels that ran); the plan, the skeleton files and the manifest follow, then the temp
-    folder beside ``folder`` is swapped in, so a failure leaves the previous folder as it was."""
+    folder beside ``folder`` is swapped in, so a failure leaves the previous folder as it was.
+
+    Example: ``write_folder("out/m", lambda tmp: (write_weights(tmp), plan), weights="sharded")``
+    """
     from .core.version import __version__
     folder = check_target(folder)
     parent = os.path.dirname(folder)
@@ -230,7 +236,10 @@ def read_manifest(folder) -> dict:
 def unique_state(sd: dict) -> dict:
     """``sd`` with every tensor stored once: of the names sharing one storage (a tied embedding and
     head) the first, sorted, of those covering the whole storage is kept — the name
-    ``safetensors.torch.save_model`` keeps, so single-file and sharded folders name tensors alike."""
+    ``safetensors.torch.save_model`` keeps, so single-file and sharded folders name tensors alike.
+
+    Example: ``unique_state(model.state_dict())`` -> without ``model.embed_tokens.codes`` when tied
+    """
     by_storage: dict = {}
     for name, t in sd.items():
         if t.device.type != "meta" and not t.is_mkldnn and t.untyped_storage().nbytes():

@@ -156,7 +156,11 @@ def save_packed_streamed(folder_in, plan: Plan, folder_out, calib_data=None, mod
                          "calib_data= (the plan's calibration batches)")
     batches = as_batches(calib_data) if want else []
     from .sensitivity.hf_stream import StreamedLM
-    lm = StreamedLM(folder_in)
+    try:
+        lm = StreamedLM(folder_in)
+    except ValueError as e:       # an architecture block streaming does not support
+        raise ValueError(f"{e}; pack the whole model instead (bitplan apply --no-stream, or save_packed "
+                         "on the loaded model)") from None
     check_plan(lm.model, plan)
 
     def fill(tmp):
