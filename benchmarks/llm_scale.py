@@ -104,7 +104,8 @@ def apply_worker(path: str, plan: str, packed: str, out: str, stream: bool = Tru
     from bitplan.packed_io import SHARD_PATTERN
     t0 = time.perf_counter()
     _progress(out, t0)
-    rc = main(["apply", "--model", path, "--plan", plan, "--out", packed, "--quiet"] + ([] if stream else ["--no-stream"]))
+    rc = main(["apply", "--model", path, "--plan", plan, "--out", packed, "--quiet"]
+              + ([] if stream else ["--no-stream"]))
     rec = {"rc": rc, "wall_s": time.perf_counter() - t0, **_usage(), "streamed": stream,
            "shards": sum(bool(SHARD_PATTERN.fullmatch(f)) for f in os.listdir(packed)) if rc == 0 else None}
     with open(out, "w", encoding="utf-8") as f:

@@ -139,7 +139,7 @@ class Int8WeightOnly(_KernelLinear):
         m._setup(module, kind, w2d, spec)
         m.impl = "_weight_int8pack_mm"
         qt = qt if qt is not None else quantize(w2d, 8, spec.group_size, spec.symmetric)
-        m.register_buffer("weight_int8", (qt.codes.to(torch.int16) - 128).to(torch.int8))  # (N, K)
+        m.register_buffer("weight_int8", (qt.codes.to(torch.int16) - 128).to(torch.int8).contiguous())  # (N, K)
         m.register_buffer("scales", qt.scales.reshape(-1, 1).contiguous())                # (N, 1) fp16
         m.register_buffer("zeros", None if qt.zeros is None else qt.zeros.reshape(-1, 1).contiguous())
         return m

@@ -78,13 +78,19 @@ def _quiet():
     return w
 
 
-@pytest.mark.parametrize("arch, methods", [("llama", ("rtn",)), ("qwen", ("rtn",)), ("llama", ("gptq", "rtn", "awq"))])
-def test_streamed_folder_equals_the_whole_model_save(arch, methods, llama, qwen, tmp_path):
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    return make_causal_lm_folder(tmp_path_factory.mktemp("gpt2") / "m", "gpt2", layers=2)     # HF Conv1D layers
+
+
+@pytest.mark.parametrize("arch, methods", [("llama", ("rtn",)), ("qwen", ("rtn",)), ("llama", ("gptq", "rtn", "awq")),
+                                           ("gpt2", ("gptq", "rtn"))])
+def test_streamed_folder_equals_the_whole_model_save(arch, methods, llama, qwen, gpt2, tmp_path):
     import bitplan
     from bitplan.costmodels import model_nbytes
     from bitplan.packed_io import INDEX_FILE, load_packed, read_manifest, save_packed
     from bitplan.packed_stream import save_packed_streamed
-    path = {"llama": llama, "qwen": qwen}[arch]
+    path = {"llama": llama, "qwen": qwen, "gpt2": gpt2}[arch]
     model, batches = fp_model(path), _batches(samples=4)
     batches[0] = {**batches[0], "attention_mask": batches[0]["attention_mask"].clone()}
     batches[0]["attention_mask"][0, -5:] = 0          # padding: left out of the calibration statistics
@@ -92,7 +98,8 @@ def test_streamed_folder_equals_the_whole_model_save(arch, methods, llama, qwen,
     assert any(s.method != "rtn" for s in plan.layers.values()) == (methods != ("rtn",))
     w = _quiet()
     try:
-        whole = save_packed(model, plan, tmp_path / "whole", source_dir=path, model_class="causal_lm", calib_data=batches)
+        whole = save_packed(model, plan, tmp_path / "whole", source_dir=path, model_class="causal_lm",
+                            calib_data=batches)
         man = save_packed_streamed(path, plan, tmp_path / "streamed", calib_data=batches)
         ref = bitplan.apply_plan_(copy.deepcopy(model), plan, mode="packed", calib_data=batches)
         loaded = load_packed(tmp_path / "streamed")
@@ -208,7 +215,8 @@ def test_cli_apply_streams_a_causal_lm_folder(llama, tmp_path, capsys):
     make_llm_plan(fp_model(llama)).save(tmp_path / "plan.json")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        assert main(["apply", "--model", llama, "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "s"), "-q"]) == 0
+        assert main(["apply", "--model", llama, "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "s"),
+                     "-q"]) == 0
         out = capsys.readouterr().out
         assert out.startswith("streamed 2 decoder blocks one at a time") and "3 safetensors shards" in out
         assert main(["apply", "--model", llama, "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "w"),
@@ -236,7 +244,8 @@ def test_a_tied_tensor_stored_under_both_names_is_refused(qwen, tmp_path):
     index["weight_map"]["model.embed_tokens.codes"] = shard
     index["metadata"]["total_size"] += sd["lm_head.codes"].numel()
     (folder / INDEX_FILE).write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"stored twice \(tied names\) \[\('lm_head.codes', 'model.embed_tokens.codes'\)"):
+    twice = r"stored twice \(tied names\) \[\('lm_head.codes', 'model.embed_tokens.codes'\)"
+    with pytest.raises(ValueError, match=twice):
         load_packed(folder)
 
 

@@ -74,6 +74,28 @@ def test_kernel_matches_fake_quant_and_bytes(spec, kernel):
         == get_kernel(kernel).nbytes(spec, 1536, 384)
 
 
+@pytest.mark.parametrize("spec,kernel", CASES, ids=[c[0].label for c in CASES])
+def test_kernel_runs_on_a_transposed_weight(spec, kernel):
+    """An HF Conv1D (GPT-2) stores its weight (K, N), so the 2-D weight a kernel packs is a transposed
+    view: the packed buffers must still be contiguous (the int8 CPU kernel refuses strided ones)."""
+    if kernel == "w8a8" and w8a8_cpu_path().impl is None:
+        pytest.skip(f"no exact W8A8 path on this CPU: {w8a8_cpu_path().reason}")
+    from transformers.pytorch_utils import Conv1D
+
+    from bitplan.core.graph import layer_weight_2d
+    torch.manual_seed(0)
+    conv = Conv1D(1536, 384)                                        # weight (K=384, N=1536)
+    nn.init.normal_(conv.weight, std=0.05)
+    x = torch.randn(3, 5, 384)
+    w2d = layer_weight_2d(conv, "hf_conv1d")                        # (N, K), a view
+    assert not w2d.is_contiguous()
+    m = get_kernel(kernel).from_module(conv, "hf_conv1d", w2d, spec)
+    assert all(b.is_contiguous() for b in m.buffers() if not b.is_mkldnn)
+    wq = fake_quantize(w2d, spec.bits, spec.group_size, spec.symmetric)
+    ref = nn.functional.linear(fake_quantize_act(x, spec.act_bits), wq, conv.bias)
+    assert sqnr(ref, m(x)) >= SQNR_FLOOR[kernel], (kernel, sqnr(ref, m(x)))
+
+
 def test_int4_per_channel_repeats_scales_per_group():
     s = QuantSpec(4)
     assert nbytes(s, 1536, 384) == 1536 * 192 + 1536 * 3 * 4            # 384 = 3 groups of 128
