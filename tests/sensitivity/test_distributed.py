@@ -212,3 +212,28 @@ def test_torchrun_cli_plan_rank0_writes_the_one_process_table(tmp_path):
     finally:
         torch.set_num_threads(n)
     assert np.array_equal(t.loss, ref.loss)
+
+
+def test_block_streaming_shards_batches_over_two_ranks(tmp_path):
+    """method="block" on 2 ranks (3 calibration batches: 2 on rank 0, 1 on rank 1; the 2 anchor
+    batches on different ranks): both ranks get the same table, the one-process table up to float
+    summation order — with rtn, gptq (full input statistics all-reduced) and W8A8 (measured) options."""
+    from dist_worker import lm_calib, lm_options
+    from tests.llm_fixtures import make_causal_lm_folder
+    folder = str(make_causal_lm_folder(tmp_path / "llama", "llama", layers=2))
+    jobs = [{"method": "block", "key": "block", "folder": folder},
+            {"method": "block", "key": "block_all", "folder": folder, "opts": {"measure": "all"}}]
+    res = _wait(_launch(tmp_path, {"jobs": jobs}), tmp_path, limit=150)
+    assert "error" not in res[0] and "error" not in res[1], res
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert len(lm_calib(folder)) == 3
+        for job in jobs:
+            ref = score(folder, lm_calib(folder), method="block", options=lm_options(), **job.get("opts", {}))
+            a, b = (np.array(res[r]["tables"][job["key"]]["loss"]) for r in (0, 1))
+            assert np.array_equal(a, b) and res[0]["tables"][job["key"]]["world_size"] == 2
+            np.testing.assert_allclose(a, ref.loss, rtol=2e-4, atol=1e-9 * ref.loss.max())
+            assert ref.loss.max() > 0 and (ref.loss[ref.allowed] > 0).mean() > 0.9
+    finally:
+        torch.set_num_threads(n)
