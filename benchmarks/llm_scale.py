@@ -15,7 +15,11 @@ Random weights measure cost (time, memory), never quality.
 Baseline (the whole-model path before the streaming estimator, issue 12, same folders, 2 cores):
 4 layers 3,177 MiB / 192 s, 16 layers 10,432 MiB / 745 s.
 
-Run:  python benchmarks/llm_scale.py [--layers 4 8 16] [--timeout 1500] [--apply 4]
+``--baseline 4 16`` also plans the same folders with the whole-model path (``--method hessian``, the
+default before streaming) in the same run, so the speed-up is measured side by side; ``--one-b`` adds
+a ≈1 B-parameter model (TinyLlama-1.1B's shape, 22 layers, random weights).
+
+Run:  python benchmarks/llm_scale.py [--layers 4 8 16 32] [--timeout 1500] [--apply 4] [--baseline 4 16] [--one-b]
 """
 from __future__ import annotations
 
@@ -32,12 +36,17 @@ OUT = os.path.join(ROOT, "benchmarks", "out", "llm_scale")
 RESULT = os.path.join(ROOT, "benchmarks", "results", "llm_scale.json")
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
              max_position_embeddings=2048)
+# ≈ 1 B parameters: TinyLlama-1.1B's shape (hidden 2048, intermediate 5632, GQA 32/4 heads, 22 layers)
+SHAPE_1B = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+                max_position_embeddings=2048)
+LAYERS_1B = 22
 BASELINE = {"4": {"peak_rss_mib": 3177, "seconds": 192}, "16": {"peak_rss_mib": 10432, "seconds": 745}}
 
 
-def build(layers: int) -> str:
-    """Write (once) a random Llama folder with ``layers`` decoder blocks; returns its path."""
-    path = os.path.join(OUT, f"llama_{layers}L")
+def build(layers: int, big: bool = False) -> str:
+    """Write (once) a random Llama folder with ``layers`` decoder blocks (``big``: the ≈1 B shape);
+    returns its path."""
+    path = os.path.join(OUT, f"llama_{layers}L" + ("_1b" if big else ""))
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -47,7 +56,7 @@ def build(layers: int) -> str:
     tok = train_tokenizer(512)
     cfg = AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"], num_hidden_layers=layers,
                                vocab_size=len(tok), tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id, **SHAPE)
+                               eos_token_id=tok.eos_token_id, **(SHAPE_1B if big else SHAPE))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(layers)
         model = AutoModelForCausalLM.from_config(cfg)
@@ -56,8 +65,8 @@ def build(layers: int) -> str:
     return path
 
 
-def worker(path: str, out: str) -> None:
-    """Run `bitplan plan --method block` in this process; write timings and peak RSS to ``out``."""
+def worker(path: str, out: str, method: str = "block") -> None:
+    """Run `bitplan plan --method METHOD` in this process; write timings and peak RSS to ``out``."""
     import threading
 
     from bitplan.cli import main
@@ -72,12 +81,12 @@ def worker(path: str, out: str) -> None:
                            "cpu_s_so_far": ru.ru_utime + ru.ru_stime}, f)
             time.sleep(20)
     threading.Thread(target=progress, daemon=True).start()
-    rc = main(["plan", "--model", path, "--method", "block", "--avg-bits", "4", "--out", plan_path, "--quiet"])
+    rc = main(["plan", "--model", path, "--method", method, "--avg-bits", "4", "--out", plan_path, "--quiet"])
     wall = time.perf_counter() - t0
     with open(plan_path, encoding="utf-8") as f:
         plan = json.load(f)
     rec = {"rc": rc, "wall_s": wall, "score_s": plan["estimator"]["seconds"], "solve_s": plan["solver"]["seconds"],
-           "solver_status": plan["solver"]["status"], "predicted_size_bytes": plan["predicted"]["size_bytes"],
+           "solver_status": plan["solver"]["status"], "method": plan["estimator"]["name"], "predicted_size_bytes": plan["predicted"]["size_bytes"],
            "budget_size_bytes": plan["budgets"]["size_bytes"], "layers_planned": len(plan["layers"]),
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            # CPU seconds (user + sys, all threads): less sensitive than wall time to the other jobs
@@ -120,18 +129,47 @@ def pack_and_check(path: str, out: str, n: int, timeout: float, predicted: float
     return rec
 
 
+def run_one(path: str, out: str, n: int, method: str, timeout: float) -> dict:
+    """`bitplan plan --method METHOD` on ``path`` in a subprocess; its record (or why it has none)."""
+    fp32 = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", path, out, "--worker-method",
+                            method], timeout=timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        rec = {"timed_out_after_s": timeout, "layers": n, "method": method}
+        if os.path.exists(out + ".progress"):
+            with open(out + ".progress", encoding="utf-8") as f:
+                rec.update(json.load(f))
+        return rec
+    if p.returncode != 0:
+        return {"error": p.stderr[-2000:], "layers": n, "method": method}
+    with open(out, encoding="utf-8") as f:
+        rec = json.load(f)
+    rec.update({"layers": n, "fp32_weights_mib": fp32 / 2 ** 20, "subprocess_wall_s": time.perf_counter() - t0,
+                "score_s_per_layer": rec["score_s"] / n, "loadavg_before": load0, "loadavg_after": os.getloadavg()})
+    return rec
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--layers", type=int, nargs="*", default=[4, 8, 16])
     ap.add_argument("--timeout", type=float, default=1500, help="seconds per model (the machine is shared)")
     ap.add_argument("--apply", type=int, nargs="*", default=[], help="depths to also pack and check the size of")
     ap.add_argument("--apply-only", action="store_true",
                     help="pack the plans of an earlier run (--layers) and check their size; no re-scoring")
+    ap.add_argument("--baseline", type=int, nargs="*", default=[],
+                    help="depths to also plan with the whole-model path (--method hessian, the default before "
+                         "streaming), in the same run: results key hessian_N")
+    ap.add_argument("--one-b", action="store_true", help=f"also the ≈1 B-parameter model ({LAYERS_1B} layers of "
+                    "TinyLlama-1.1B's shape): results key 1b")
     ap.add_argument("--worker", nargs=2, metavar=("DIR", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker-method", default="block", help=argparse.SUPPRESS)
     ap.add_argument("--check-size", nargs=2, metavar=("PACKED", "PREDICTED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        return worker(*args.worker)
+        return worker(*args.worker, method=args.worker_method)
     if args.check_size:
         return print(json.dumps(check_size(args.check_size[0], float(args.check_size[1]))))
     sys.path.insert(0, ROOT)
@@ -139,40 +177,27 @@ def main(argv=None) -> None:
     os.makedirs(OUT, exist_ok=True)
     rows = {}
     for n in args.layers:
+        out = os.path.join(OUT, f"run_{n}L.json")
         if args.apply_only:
             with open(RESULT, encoding="utf-8") as f:
                 rec = json.load(f)["results"][str(n)]
-            rows[str(n)] = {**rec, **pack_and_check(build(n), os.path.join(OUT, f"run_{n}L.json"), n, args.timeout,
-                                                    rec["predicted_size_bytes"])}
+            rows[str(n)] = {**rec, **pack_and_check(build(n), out, n, args.timeout, rec["predicted_size_bytes"])}
             print(json.dumps(rows[str(n)]), flush=True)
             continue
         path = build(n)
-        fp32 = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
-        out = os.path.join(OUT, f"run_{n}L.json")
-        load0 = os.getloadavg()
-        t0 = time.perf_counter()
-        try:
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", path, out],
-                               timeout=args.timeout, capture_output=True, text=True)
-        except subprocess.TimeoutExpired:
-            rows[str(n)] = {"timed_out_after_s": args.timeout}
-            if os.path.exists(out + ".progress"):
-                with open(out + ".progress", encoding="utf-8") as f:
-                    rows[str(n)].update(json.load(f))
-            print(f"{n} layers: timed out after {args.timeout} s", flush=True)
-            continue
-        if p.returncode != 0:
-            rows[str(n)] = {"error": p.stderr[-2000:]}
-            print(p.stderr[-2000:], flush=True)
-            continue
-        with open(out, encoding="utf-8") as f:
-            rec = json.load(f)
-        rec.update({"layers": n, "fp32_weights_mib": fp32 / 2 ** 20, "subprocess_wall_s": time.perf_counter() - t0,
-                    "score_s_per_layer": rec["score_s"] / n, "loadavg_before": load0, "loadavg_after": os.getloadavg()})
-        if n in args.apply:
+        rec = run_one(path, out, n, "block", args.timeout)
+        if n in args.apply and "score_s" in rec:
             rec.update(pack_and_check(path, out, n, args.timeout, rec["predicted_size_bytes"]))
         rows[str(n)] = rec
-        print(json.dumps(rec), flush=True)
+        print(str(n), json.dumps(rec), flush=True)
+    if args.one_b:
+        path = build(LAYERS_1B, big=True)
+        rows["1b"] = {**run_one(path, os.path.join(OUT, "run_1b.json"), LAYERS_1B, "block", args.timeout),
+                      "shape": SHAPE_1B}
+        print("1b", json.dumps(rows["1b"]), flush=True)
+    for n in args.baseline:
+        rows[f"hessian_{n}"] = run_one(build(n), os.path.join(OUT, f"run_hessian_{n}L.json"), n, "hessian", args.timeout)
+        print(f"hessian_{n}", json.dumps(rows[f"hessian_{n}"]), flush=True)
     record = {**provenance(), "what": "bitplan plan --method block --avg-bits 4 on random Llama folders "
               "(random weights: cost only, not quality)", "shape": SHAPE, "baseline_whole_model": BASELINE,
               "cpu_count": os.cpu_count(), "results": rows}
