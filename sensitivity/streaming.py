@@ -59,6 +59,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import numpy as np
@@ -182,14 +183,19 @@ def _error(w2, wq2, st, diag, n, spec) -> float:
 @register("block", streaming=True)
 def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=None, seed: int = 0,
           measure: str = "anchor", noise_draws: int = 2, noise_rel: float = 0.03,
-          anchor_batches: int | None = 2, timeout: float | None = None) -> Sensitivity:
+          anchor_batches: int | None = 2, timeout: float | None = None, checkpoint=None,
+          checkpoint_every: float = 60.0) -> Sensitivity:
     """Block-streaming table (L, B) for a causal-LM folder (see the module docstring).
 
     ``model``: the folder, or a model loaded from one (only its config's folder is used; its weights
     are never read). ``measure``: "anchor" (one measured option per layer, default) or "all".
     ``anchor_batches``: calibration batches the anchors' errors are measured on (γ is a ratio of
     two errors on the same tokens, so a few batches suffice; None = all); "all" uses every batch.
-    ``timeout``: seconds one rank may lag the others in a process group.
+    ``timeout``: seconds one rank may lag the others in a process group. ``checkpoint`` (a path):
+    after a block, at most every ``checkpoint_every`` seconds, the rows scored so far go to that
+    JSON file and each rank's carried hidden states to ``<checkpoint>.rank<r>.safetensors``; a rerun
+    with the same folder, batches and settings resumes at the next block (the same table as an
+    uninterrupted run); the files are removed when the table is complete.
 
     Example: ``score("llama_dir", batches, method="block", measure="all")``
     """
@@ -230,6 +236,14 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
         s = allsum(np.array([sum(fn(k) for k in idx), sum(_ntok(h[k]) for k in idx)]), what)
         return float(s[0]) / max(float(s[1]), 1.0)
 
+    ck = _BlockCheckpoint(checkpoint, ranks, lm, graph, specs, batches, {
+        "seed": seed, "measure": measure, "noise_draws": noise_draws, "noise_rel": noise_rel,
+        "anchor_batches": anchor_batches}) if checkpoint is not None else None
+    start = 0
+    if ck is not None and ck.state:
+        start, fwd = ck.state["next_block"], ck.state["block_forwards"]
+        D[:], gamma[:] = np.array(ck.state["D"]), np.array(ck.state["gamma"], dtype=float)
+        gamma[gamma < 0] = np.nan                  # saved as -1: no anchor (γ itself is >= 0)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         lm.load_outer()
@@ -251,6 +265,9 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
             for hk in hooks:
                 hk.remove()
         tokens = int(allsum(float(sum(_ntok(x) for x in h)), "counting calibration tokens"))
+        if start:                   # resumed: the carried hidden states entering block `start`
+            h = ck.hidden(start, [x.shape for x in h])
+            emb_layers = []         # their rows were scored at block 0
         # ---- embeddings: exact row errors; block-0 inputs for the measured options
         emb_e, emb_in = {}, {}
         for l in emb_layers:
@@ -268,6 +285,8 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
             emb_e[i] = (a, todo, e)
         # ---- decoder blocks, one at a time
         for k, bname in enumerate(lm.block_names):
+            if k < start:
+                continue
             names = [n for n in graph.names if in_block.get(n) == bname]
             with lm.materialised(bname) as blk:
                 mods = {n: lm.model.get_submodule(n) for n in names}
@@ -320,6 +339,8 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                     _carry(D, gamma, i, a, todo, e, allowed[i])
                 del blk
             h = y
+            if ck is not None and k + 1 < len(lm.block_names) and ck.due(checkpoint_every):
+                ck.save(k + 1, h, D, gamma, fwd)
         # ---- the head: reference output, A from isotropic noise, lm_head options
         heads = [l for l in outer if not all(kd == "embedding" for kd in l.kinds)]
         with lm.head_only() as set_final:
@@ -386,8 +407,92 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
             "batches": len(batches)}
     if ranks is not None:
         meta["world_size"] = world
+    if ck is not None:
+        meta["resumed"] = start             # blocks read back from the checkpoint
+        ck.finish()
     return Sensitivity(graph.names, tuple(specs), np.maximum(loss, 0.0), "block", allowed,
                        graph.fingerprint, meta)
+
+
+def folder_digest(shards, batches) -> str:
+    """blake2b of the safetensors files' names, sizes and headers, the first and last MiB of each file,
+    and the calibration batches: a cheap guard against resuming on other weights or data (it reads
+    ~2 MiB a shard, not the model; a change that keeps every shard's size, header and ends escapes it)."""
+    import hashlib
+
+    from .checkpoint import content_digest
+    h = hashlib.blake2b(digest_size=16)
+    for f in sorted(set(shards.where.values())):
+        size = os.path.getsize(f)
+        h.update(f"{os.path.basename(f)}:{size}".encode())
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 1 << 26)))                 # the JSON header: names, dtypes, offsets
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read())
+    h.update(content_digest(torch.nn.Module(), batches).encode())
+    return h.hexdigest()
+
+
+class _BlockCheckpoint:
+    """The partially scored rows (JSON, rank 0) and each rank's carried hidden states (safetensors)."""
+
+    def __init__(self, path, ranks, lm, graph, specs, batches, settings: dict):
+        from .checkpoint import Checkpoint
+        from .table import _jsonable
+        run = {"method": "block", "names": graph.names, "options": [s.to_dict() for s in specs],
+               "model_fingerprint": graph.fingerprint, "content": folder_digest(lm.shards, batches),
+               "settings": _jsonable({**settings, "batches": len(batches),
+                                      "world_size": ranks.world if ranks else 1})}
+        self.ranks, self.rank = ranks, ranks.rank if ranks else 0
+        self.ck = Checkpoint(path, run, ranks)
+        self.state = self.ck.resume()
+        self.file = f"{os.fspath(path)}.rank{self.rank}.safetensors"
+        self.last = time.perf_counter()
+
+    def due(self, every: float) -> bool:
+        """Time for a save? (the same answer on every rank: rank 0's clock decides)"""
+        ok = time.perf_counter() - self.last >= every
+        return self.ranks.broadcast(ok, "checkpoint timer") if self.ranks else ok
+
+    def save(self, next_block: int, h, D, gamma, fwd) -> None:
+        from safetensors.torch import save_file
+        tmp = self.file + ".tmp"
+        save_file({f"h{q}": x.contiguous() for q, x in enumerate(h)}, tmp, metadata={"next_block": str(next_block)})
+        os.replace(tmp, self.file)                  # every rank's states first, then the JSON that points to them
+        if self.ranks:
+            self.ranks.sync("writing the checkpoint")
+        self.ck.state.update({"D": D.tolist(), "gamma": np.nan_to_num(gamma, nan=-1.0).tolist(),
+                              "block_forwards": fwd})
+        self.ck.put("next_block", next_block)           # writes the whole state (rank 0)
+        self.last = time.perf_counter()
+
+    def hidden(self, block: int, shapes) -> list:
+        """This rank's saved hidden states entering ``block``; ValueError if they do not fit."""
+        from safetensors import safe_open
+        where = f"checkpoint {self.file}"
+        if not os.path.isfile(self.file) or os.path.islink(self.file):
+            raise ValueError(f"{where} is missing; delete {self.ck.path} to start over")
+        try:
+            with safe_open(self.file, "pt") as f:
+                meta = f.metadata() or {}
+                h = [f.get_tensor(f"h{q}") for q in range(len(shapes))]
+        except Exception as e:          # safetensors raises its own errors on corrupt files
+            raise ValueError(f"{where} does not read ({type(e).__name__}: {str(e)[:200]}); delete "
+                             f"{self.ck.path} to start over") from None
+        if meta.get("next_block") != str(block) or [tuple(x.shape) for x in h] != [tuple(s) for s in shapes]:
+            raise ValueError(f"{where} holds hidden states for block {meta.get('next_block')!r} of shapes "
+                             f"{[tuple(x.shape) for x in h][:2]}..., not block {block} of {[tuple(s) for s in shapes][:2]}...; "
+                             f"delete {self.ck.path} to start over")
+        return h
+
+    def finish(self) -> None:
+        if self.ranks:
+            self.ranks.sync("removing the checkpoint")
+        self.ck.finish()
+        if os.path.exists(self.file):
+            os.remove(self.file)
 
 
 def _carry(D, gamma, i, a, todo, e, allowed_row) -> None:

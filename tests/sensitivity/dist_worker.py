@@ -75,10 +75,17 @@ def main(cfg_path):
                 res["tables"][job["key"]] = {"layers": plan.to_dict()["layers"]}
                 continue
             if job["method"] == "block":               # streamed causal-LM folder, batches sharded
+                fail = cfg.get("fail")
+                if fail and rank == fail["rank"]:          # this rank dies on entering block fail["block"]
+                    from bitplan.sensitivity import hf_stream
+                    real = hf_stream.StreamedLM.run_block
+                    hf_stream.StreamedLM.run_block = lambda self, i, h, kw: (
+                        os._exit(3) if i == fail["block"] else real(self, i, h, kw))
                 t = score(job["folder"], lm_calib(job["folder"]), method="block", options=lm_options(),
-                          timeout=cfg.get("timeout", 60), **job.get("opts", {}))
+                          timeout=cfg.get("timeout", 60), checkpoint=cfg.get("checkpoint"),
+                          **job.get("opts", {}))
                 res["tables"][job["key"]] = {"loss": t.loss.tolist(), "world_size": t.meta.get("world_size"),
-                                             "alpha": t.meta["alpha"]}
+                                             "alpha": t.meta["alpha"], "resumed": t.meta.get("resumed")}
                 continue
             loss_fn = failing_loss(rank, cfg.get("fail")) if job.get("task_loss") else None
             t = score(mlp(), batches(), method=job["method"], bits=BITS, loss_fn=loss_fn, seed=job.get("seed", 0),

@@ -142,3 +142,43 @@ def test_a_shard_index_never_points_outside_its_folder(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
     with pytest.raises(ValueError, match="weight_map"):
         Shards(str(tmp_path))
+
+
+def test_checkpoint_resumes_at_the_next_block_to_the_same_table(llama3, tmp_path, monkeypatch):
+    """A run that dies in block 2 leaves the rows of blocks 0-1 and the hidden states entering block 2;
+    the rerun scores only block 2 and the head, and its table is the uninterrupted one, bit for bit."""
+    from bitplan.sensitivity import hf_stream, score
+    batches = _batches(samples=8)
+    ref = score(llama3, batches, method="block", bits=(2, 4, 8))
+    ck = tmp_path / "sens.partial.json"
+    real = hf_stream.StreamedLM.run_block
+    blocks_run = []
+
+    def dies_in_block_2(self, i, h, kw):
+        blocks_run.append(i)
+        if i == 2:
+            raise KeyboardInterrupt("killed")
+        return real(self, i, h, kw)
+    monkeypatch.setattr(hf_stream.StreamedLM, "run_block", dies_in_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        score(llama3, batches, method="block", bits=(2, 4, 8), checkpoint=str(ck), checkpoint_every=0)
+    assert ck.exists() and (tmp_path / "sens.partial.json.rank0.safetensors").exists()
+    assert json.loads(ck.read_text())["state"]["next_block"] == 2
+    blocks_run.clear()
+    monkeypatch.setattr(hf_stream.StreamedLM, "run_block", real)
+    monkeypatch.setattr(hf_stream.StreamedLM, "run_block",
+                        lambda self, i, h, kw: blocks_run.append(i) or real(self, i, h, kw))
+    t = score(llama3, batches, method="block", bits=(2, 4, 8), checkpoint=str(ck), checkpoint_every=0)
+    assert set(blocks_run) == {2} and t.meta["resumed"] == 2
+    assert np.array_equal(t.loss, ref.loss)
+    assert not ck.exists() and not (tmp_path / "sens.partial.json.rank0.safetensors").exists()
+    # a checkpoint of another run (other calibration data) is refused, naming the difference
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(hf_stream.StreamedLM, "run_block", dies_in_block_2)
+        score(llama3, batches, method="block", bits=(2, 4, 8), checkpoint=str(ck), checkpoint_every=0)
+    with pytest.raises(ValueError, match="content"):
+        score(llama3, batches[:1], method="block", bits=(2, 4, 8), checkpoint=str(ck))
+    # hidden states that do not fit (another rank's file, a truncated write) are refused
+    (tmp_path / "sens.partial.json.rank0.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="does not read"):
+        score(llama3, batches, method="block", bits=(2, 4, 8), checkpoint=str(ck))
