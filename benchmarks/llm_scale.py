@@ -16,7 +16,8 @@ Baseline (the whole-model path before the streaming estimator, issue 12, same fo
 4 layers 3,177 MiB / 192 s, 16 layers 10,432 MiB / 745 s.
 
 ``--baseline 4 16`` also plans the same folders with the whole-model path (``--method hessian``, the
-default before streaming) in the same run, so the speed-up is measured side by side; ``--one-b`` adds
+default before streaming), each right after the streamed run of the same depth, so the speed-up is a
+ratio measured side by side under the same load; ``--one-b`` adds
 a ≈1 B-parameter model (TinyLlama-1.1B's shape, 22 layers, random weights).
 
 Run:  python benchmarks/llm_scale.py [--layers 4 8 16 32] [--timeout 1500] [--apply 4] [--baseline 4 16] [--one-b]
@@ -190,12 +191,15 @@ def main(argv=None) -> None:
             rec.update(pack_and_check(path, out, n, args.timeout, rec["predicted_size_bytes"]))
         rows[str(n)] = rec
         print(str(n), json.dumps(rec), flush=True)
+        if n in args.baseline:              # right after, on the same folder: the ratio under the same load
+            rows[f"hessian_{n}"] = run_one(path, os.path.join(OUT, f"run_hessian_{n}L.json"), n, "hessian", args.timeout)
+            print(f"hessian_{n}", json.dumps(rows[f"hessian_{n}"]), flush=True)
     if args.one_b:
         path = build(LAYERS_1B, big=True)
         rows["1b"] = {**run_one(path, os.path.join(OUT, "run_1b.json"), LAYERS_1B, "block", args.timeout),
                       "shape": SHAPE_1B}
         print("1b", json.dumps(rows["1b"]), flush=True)
-    for n in args.baseline:
+    for n in sorted(set(args.baseline) - set(args.layers)):
         rows[f"hessian_{n}"] = run_one(build(n), os.path.join(OUT, f"run_hessian_{n}L.json"), n, "hessian", args.timeout)
         print(f"hessian_{n}", json.dumps(rows[f"hessian_{n}"]), flush=True)
     record = {**provenance(), "what": "bitplan plan --method block --avg-bits 4 on random Llama folders "
