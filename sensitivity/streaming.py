@@ -184,13 +184,16 @@ def _error(w2, wq2, st, diag, n, spec) -> float:
 def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=None, seed: int = 0,
           measure: str = "anchor", noise_draws: int = 2, noise_rel: float = 0.03,
           anchor_batches: int | None = 2, timeout: float | None = None, checkpoint=None,
-          checkpoint_every: float = 60.0) -> Sensitivity:
+          checkpoint_every: float = 60.0, probes: int = 8, probe_batches: int = 1) -> Sensitivity:
     """Block-streaming table (L, B) for a causal-LM folder (see the module docstring).
 
     ``model``: the folder, or a model loaded from one (only its config's folder is used; its weights
     are never read). ``measure``: "anchor" (one measured option per layer, default) or "all".
     ``anchor_batches``: calibration batches the anchors' errors are measured on (γ is a ratio of
     two errors on the same tokens, so a few batches suffice; None = all); "all" uses every batch.
+    ``probes``: blocks (evenly spaced) whose output gets an isotropic noise probe carried to the end,
+    measuring how later blocks amplify or damp a perturbation of the stream there (``gain``; between
+    probes interpolated in log space; 0 = assume 1 everywhere), on ``probe_batches`` batches.
     ``timeout``: seconds one rank may lag the others in a process group. ``checkpoint`` (a path):
     after a block, at most every ``checkpoint_every`` seconds, the rows scored so far go to that
     JSON file and each rank's carried hidden states to ``<checkpoint>.rank<r>.safetensors``; a rerun
@@ -230,6 +233,11 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
     fwd = 0
     my_b = [batches[g] for g in mine]
     sub = [k for k, g in enumerate(mine) if g < nb_anchor]   # this rank's anchor batches: a prefix of its own
+    pb = [k for k, g in enumerate(mine) if g < probe_batches]  # this rank's probe batches (global 0..)
+    n_blk = len(lm.block_names)
+    at = sorted({int(round(x)) for x in np.linspace(0, n_blk - 1, min(probes, n_blk))}) if probes > 0 else []
+    at = [k for k in at if k < n_blk - 1]                       # the last block's gain is 1: nothing follows
+    probe_x, probe_sq = {}, {}                                  # start block -> noisy states, Σ noise²
 
     def mean_over(fn, idx, what):
         """Σ fn(k) over local batches ``idx`` / their tokens, summed over the ranks."""
@@ -238,10 +246,12 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
 
     ck = _BlockCheckpoint(checkpoint, ranks, lm, graph, specs, batches, {
         "seed": seed, "measure": measure, "noise_draws": noise_draws, "noise_rel": noise_rel,
-        "anchor_batches": anchor_batches}) if checkpoint is not None else None
+        "anchor_batches": anchor_batches, "probes": probes, "probe_batches": probe_batches}) \
+        if checkpoint is not None else None
     start = 0
     if ck is not None and ck.state:
         start, fwd = ck.state["next_block"], ck.state["block_forwards"]
+        probe_sq = {int(k): v for k, v in ck.state["probe_sq"].items()}
         D[:], gamma[:] = np.array(ck.state["D"]), np.array(ck.state["gamma"], dtype=float)
         gamma[gamma < 0] = np.nan                  # saved as -1: no anchor (γ itself is >= 0)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -266,7 +276,7 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                 hk.remove()
         tokens = int(allsum(float(sum(_ntok(x) for x in h)), "counting calibration tokens"))
         if start:                   # resumed: the carried hidden states entering block `start`
-            h = ck.hidden(start, [x.shape for x in h])
+            h, probe_x = ck.hidden(start, [x.shape for x in h], {k: [h[q].shape for q in pb] for k in probe_sq})
             emb_layers = []         # their rows were scored at block 0
         # ---- embeddings: exact row errors; block-0 inputs for the measured options
         emb_e, emb_in = {}, {}
@@ -337,10 +347,21 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                                                 f"block error of {n}")
                         fwd += 1
                     _carry(D, gamma, i, a, todo, e, allowed[i])
+                for k0, xs in probe_x.items():        # the probes started before: on through this block
+                    probe_x[k0] = [lm.run_block(k, x, kws[q]) for q, x in zip(pb, xs)]
+                    fwd += 1
+                if k in at:                           # a new probe: noise on this block's output
+                    probe_sq[k], probe_x[k] = 0.0, []
+                    for q in pb:
+                        gen = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (k + 1) + mine[q])
+                        eps = torch.randn(y[q].shape, generator=gen, dtype=y[q].dtype) * (
+                            noise_rel * float(y[q].float().pow(2).mean().sqrt()))
+                        probe_x[k].append(y[q] + eps)
+                        probe_sq[k] += float(eps.pow(2).sum())
                 del blk
             h = y
             if ck is not None and k + 1 < len(lm.block_names) and ck.due(checkpoint_every):
-                ck.save(k + 1, h, D, gamma, fwd)
+                ck.save(k + 1, h, D, gamma, fwd, probe_x, probe_sq)
         # ---- the head: reference output, A from isotropic noise, lm_head options
         heads = [l for l in outer if not all(kd == "embedding" for kd in l.kinds)]
         with lm.head_only() as set_final:
@@ -397,8 +418,15 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                 g = np.full(L, np.nan)
                 _carry(kl[None, :], g[:1], 0, a, todo, e, allowed[i])
                 head_kl[i] = kl
-    loss = np.where(allowed, alpha * D + head_kl, 0.0)
-    meta = {"alpha": alpha, "alpha_draws": ratios, "gamma": np.nan_to_num(gamma).tolist(), "block_sq_err": D,
+    # ---- gains: how much of a perturbation of block k's output reaches the final stream
+    pts = {k0: allsum(np.array([sum(_sq(x, h[q]) for q, x in zip(pb, xs)), probe_sq[k0]]), "probe gains")
+           for k0, xs in probe_x.items()}
+    pts = {k0: float(v[0]) / max(float(v[1]), 1e-30) for k0, v in pts.items()}
+    gain = _gains(pts, n_blk)
+    blk_of = np.array([lm.block_names.index(in_block[n]) if n in in_block else 0 for n in graph.names])
+    row_gain = np.where([l.name in in_block or "embedding" in l.kinds for l in graph.layers], gain[blk_of], 1.0)
+    loss = np.where(allowed, alpha * D * row_gain[:, None] + head_kl, 0.0)
+    meta = {"alpha": alpha, "alpha_draws": ratios, "block_gain": gain.tolist(), "probe_blocks": sorted(pts), "gamma": np.nan_to_num(gamma).tolist(), "block_sq_err": D,
             "head_kl": head_kl, "measure": measure, "anchor_batches": anchor_batches, "block_forwards": fwd,
             "blocks": len(lm.block_names), "peak_block_params": lm.peak_block_params,
             "block_params": max(sum(p.numel() for p in b.parameters()) for b in lm.blocks),
@@ -456,20 +484,23 @@ class _BlockCheckpoint:
         ok = time.perf_counter() - self.last >= every
         return self.ranks.broadcast(ok, "checkpoint timer") if self.ranks else ok
 
-    def save(self, next_block: int, h, D, gamma, fwd) -> None:
+    def save(self, next_block: int, h, D, gamma, fwd, probe_x: dict, probe_sq: dict) -> None:
         from safetensors.torch import save_file
         tmp = self.file + ".tmp"
-        save_file({f"h{q}": x.contiguous() for q, x in enumerate(h)}, tmp, metadata={"next_block": str(next_block)})
+        t = {f"h{q}": x.contiguous() for q, x in enumerate(h)}
+        t.update({f"p{k}_{q}": x.contiguous() for k, xs in probe_x.items() for q, x in enumerate(xs)})
+        save_file(t, tmp, metadata={"next_block": str(next_block)})
         os.replace(tmp, self.file)                  # every rank's states first, then the JSON that points to them
         if self.ranks:
             self.ranks.sync("writing the checkpoint")
         self.ck.state.update({"D": D.tolist(), "gamma": np.nan_to_num(gamma, nan=-1.0).tolist(),
-                              "block_forwards": fwd})
+                              "block_forwards": fwd, "probe_sq": {str(k): v for k, v in probe_sq.items()}})
         self.ck.put("next_block", next_block)           # writes the whole state (rank 0)
         self.last = time.perf_counter()
 
-    def hidden(self, block: int, shapes) -> list:
-        """This rank's saved hidden states entering ``block``; ValueError if they do not fit."""
+    def hidden(self, block: int, shapes, probe_shapes: dict) -> tuple[list, dict]:
+        """This rank's saved hidden states entering ``block`` and its probes' noisy states
+        ({start block: [states]}); ValueError if they do not fit."""
         from safetensors import safe_open
         where = f"checkpoint {self.file}"
         if not os.path.isfile(self.file) or os.path.islink(self.file):
@@ -478,6 +509,7 @@ class _BlockCheckpoint:
             with safe_open(self.file, "pt") as f:
                 meta = f.metadata() or {}
                 h = [f.get_tensor(f"h{q}") for q in range(len(shapes))]
+                px = {k: [f.get_tensor(f"p{k}_{q}") for q in range(len(ps))] for k, ps in probe_shapes.items()}
         except Exception as e:          # safetensors raises its own errors on corrupt files
             raise ValueError(f"{where} does not read ({type(e).__name__}: {str(e)[:200]}); delete "
                              f"{self.ck.path} to start over") from None
@@ -485,7 +517,10 @@ class _BlockCheckpoint:
             raise ValueError(f"{where} holds hidden states for block {meta.get('next_block')!r} of shapes "
                              f"{[tuple(x.shape) for x in h][:2]}..., not block {block} of {[tuple(s) for s in shapes][:2]}...; "
                              f"delete {self.ck.path} to start over")
-        return h
+        if any([tuple(x.shape) for x in px[k]] != [tuple(s) for s in ps] for k, ps in probe_shapes.items()):
+            raise ValueError(f"{where}: its noise probes do not fit the calibration batches; delete "
+                             f"{self.ck.path} to start over")
+        return h, px
 
     def finish(self) -> None:
         if self.ranks:
@@ -493,6 +528,13 @@ class _BlockCheckpoint:
         self.ck.finish()
         if os.path.exists(self.file):
             os.remove(self.file)
+
+
+def _gains(points: dict, n: int) -> np.ndarray:
+    """(n,) gain per block from the probed ones (the last block's is 1), log-linear in between."""
+    pts = {**{k: max(v, 1e-12) for k, v in points.items()}, n - 1: 1.0}
+    ks = sorted(pts)
+    return np.exp(np.interp(np.arange(n), ks, np.log([pts[k] for k in ks])))
 
 
 def _carry(D, gamma, i, a, todo, e, allowed_row) -> None:

@@ -182,3 +182,43 @@ def test_checkpoint_resumes_at_the_next_block_to_the_same_table(llama3, tmp_path
     (tmp_path / "sens.partial.json.rank0.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="does not read"):
         score(llama3, batches, method="block", bits=(2, 4, 8), checkpoint=str(ck))
+
+
+def test_probe_gains_match_noise_carried_through_the_whole_model(llama3):
+    """block_gain[k] is ‖Δ last-block output‖² / ‖noise‖² for isotropic noise added to block k's output
+    (recomputed here on the whole HF model with forward hooks and the same noise); the last block's
+    gain is 1; probes=0 means every gain is 1 and the loss is α·D + head KL."""
+    from transformers import AutoModelForCausalLM
+
+    from bitplan.sensitivity import score
+    batches = _batches(samples=8)
+    t = score(llama3, batches, method="block", bits=(2, 4), probes=3, probe_batches=1)
+    assert t.meta["probe_blocks"] == [0, 1] and t.meta["block_gain"][2] == 1.0
+    m = AutoModelForCausalLM.from_pretrained(llama3, attn_implementation="eager").eval()
+    layers = m.model.layers
+    b = batches[0]
+    outs = {}
+    hooks = [layers[-1].register_forward_hook(lambda mod, a, o: outs.__setitem__("last", o[0] if isinstance(o, tuple) else o))]
+    with torch.no_grad():
+        m(**b, use_cache=False)
+        clean = outs["last"].clone()
+        for k in (0, 1):
+            noise = {}
+
+            def add(mod, a, o, k=k):
+                y = o[0] if isinstance(o, tuple) else o
+                gen = torch.Generator().manual_seed(0 * 1_000_003 + 7_919 * (k + 1) + 0)
+                eps = torch.randn(y.shape, generator=gen, dtype=y.dtype) * (0.03 * float(y.float().pow(2).mean().sqrt()))
+                noise["sq"] = float(eps.pow(2).sum())
+                return ((y + eps,) + tuple(o[1:])) if isinstance(o, tuple) else y + eps
+            h = layers[k].register_forward_hook(add)
+            m(**b, use_cache=False)
+            h.remove()
+            want = float((outs["last"] - clean).pow(2).sum()) / noise["sq"]
+            np.testing.assert_allclose(t.meta["block_gain"][k], want, rtol=1e-3)
+    for hk in hooks:
+        hk.remove()
+    flat = score(llama3, batches, method="block", bits=(2, 4), probes=0)
+    assert flat.meta["block_gain"] == [1.0, 1.0, 1.0]
+    np.testing.assert_allclose(flat.loss, np.where(flat.allowed, flat.meta["alpha"] * flat.meta["block_sq_err"]
+                                                   + flat.meta["head_kl"], 0), rtol=1e-12)
