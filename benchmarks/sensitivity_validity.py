@@ -143,7 +143,7 @@ def minilm_spec():
 
 SPECS = {"minilm": minilm_spec, "digits": digits_spec, "tinyllama": tinyllama_spec}
 # estimators that only apply to HF causal-LM folders; "name:key=value" runs a variant with that setting
-STREAMED = {"tinyllama": ("block", "block:probes=0")}
+STREAMED = {"tinyllama": ("block", "block:anchor_batches=2", "block:probes=0", "block:anchors=1,anchor_batches=2,probes=0", "block:measure=all")}
 
 
 def _variant(method: str) -> tuple[str, dict]:

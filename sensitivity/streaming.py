@@ -16,22 +16,26 @@ is ≈ Σ_l α_l · (error of layer l), each layer's error entering additively. 
   residual stream after the block), on the carried fp inputs. It sees everything inside the block
   that a layer-output error misses: the softmax of attention, the SwiGLU gate, the norms.
   Measuring it for every option costs one block forward per (layer, option) (``measure="all"``).
-  The default ``measure="anchor"`` measures ONE option per layer (bits nearest 4) and carries it
-  to the others through the layer's exact output error ``e_l(b) = E‖ΔW_b x‖²`` (from the block's
-  input statistics): ``D_l(b) ≈ γ_l · e_l(b)``, ``γ_l = D_l(anchor) / e_l(anchor)`` — HIGGS'
-  linearity inside the block. Only ratios of ``e`` matter, so for rounding errors independent
+  The default ``measure="anchor"`` measures two options per layer (bits nearest 4, and the fewest
+  bits, where linearity is worst) and carries them to the others through the layer's exact output
+  error ``e_l(b) = E‖ΔW_b x‖²`` (from the block's input statistics): ``D_l(b) ≈ γ_l · e_l(b)``,
+  ``γ_l = D_l(anchor) / e_l(anchor)``, linear in bits between the two anchors — HIGGS' linearity
+  inside the block, corrected for where it bends. Only ratios of ``e`` matter, so for rounding errors independent
   across input channels (rtn, clip) the diagonal ``E[x_k²]`` is enough and only it is collected;
   methods that shape ΔW against the inputs (gptq, awq) get the exact ``tr(ΔW Σ ΔWᵀ)`` from the full
   ``Σ x xᵀ``, collected only for blocks where such an option is allowed. Options with activation
   quantization are always measured.
 - ``A``: the loss (KL of the next-token distribution to the fp one) per unit of squared
   perturbation of the final residual stream, measured at the end by adding isotropic noise to the
-  final hidden states and running the model's own head. The same ``A`` serves every block: in a
-  pre-norm decoder a perturbation of the residual stream is carried forward additively by the skip
-  connections (each later block reads a normalised stream and adds to it), so to first order it
-  reaches the head unchanged; blocks differ only by how far their layers move the stream, which
-  ``D`` measures. What this neglects — later blocks amplifying or damping a perturbation — is
-  what ``benchmarks/sensitivity_validity.py`` measures (Spearman ρ against whole-model Δloss).
+  final hidden states and running the model's own head.
+- ``G_k``: how much of a perturbation of block k's output reaches the final stream. In a pre-norm
+  decoder the skip connections carry it forward additively (to first order G = 1), but later blocks
+  amplify or damp it: noise added to the output of ``probes`` evenly spaced blocks (on
+  ``probe_batches`` batches) is carried with the fp states to the last block, and
+  ``G_k = ‖Δ final‖² / ‖noise‖²`` (log-linear between probed blocks, 1 at the last). So
+  ``loss[l, b] = A · G_k · D_l(b)``. What remains neglected — perturbations that are not isotropic,
+  non-additive interactions — is what ``benchmarks/sensitivity_validity.py`` measures (Spearman ρ
+  against whole-model Δloss, with and without the probes).
 - Embeddings: ``D`` is the move of block 0's OUTPUT with the table quantized (its input, the
   embedding output, is a small stream that trained models' first block normalises and amplifies:
   measured at the input, the embedding of the trained 4-block Llama of sensitivity_validity.py
@@ -42,7 +46,8 @@ is ≈ Σ_l α_l · (error of layer l), each layer's error entering additively. 
   (one decision) gets both terms.
 
 Cost: one pass over the blocks; per block one fp forward over the calibration tokens plus one
-forward over ``anchor_batches`` batches per layer (per measured option); then the head: references,
+forward over ``anchor_batches`` batches per layer and measured option, and one per live probe on
+``probe_batches``; then the head: references,
 ``noise_draws`` noisy passes and one pass per measured lm_head option. Peak memory = outer modules
 + one block + calibration activations.
 
@@ -88,18 +93,25 @@ def _ntok(x: torch.Tensor) -> int:
     return x[..., 0].numel()
 
 
-def _anchor(specs, allowed_row) -> int:
-    """The allowed weight-only option with bits nearest 4 (ties: the first): where linearity is best."""
+def _anchors(specs, allowed_row, n: int) -> list[int]:
+    """Up to ``n`` measured weight-only options: the one with bits nearest 4 (ties: the first), where
+    linearity is best, then the one with the fewest bits, where it is worst."""
     cand = [j for j, s in enumerate(specs) if allowed_row[j] and s.act_bits is None]
-    return min(cand, key=lambda j: abs(specs[j].bits - 4)) if cand else -1
+    if not cand:
+        return []
+    out = [min(cand, key=lambda j: abs(specs[j].bits - 4))]
+    low = min(cand, key=lambda j: specs[j].bits)
+    if n > 1 and specs[low].bits < specs[out[0]].bits:
+        out.append(low)
+    return out
 
 
-def _measured(specs, allowed_row, measure: str) -> tuple[int, list[int]]:
-    """(anchor, options whose error is measured) of one layer: every allowed one for "all"; else the
-    anchor and the options with activation quantization (which no weight error predicts)."""
-    a = _anchor(specs, allowed_row)
+def _measured(specs, allowed_row, measure: str, n_anchors: int) -> tuple[list[int], list[int]]:
+    """(anchors, options whose error is measured) of one layer: every allowed one for "all"; else the
+    anchors and the options with activation quantization (which no weight error predicts)."""
+    a = _anchors(specs, allowed_row, n_anchors)
     ok = np.nonzero(allowed_row)[0]
-    return a, [int(j) for j in ok if measure == "all" or j == a or specs[j].act_bits is not None]
+    return a, [int(j) for j in ok if measure == "all" or j in a or specs[j].act_bits is not None]
 
 
 def _run(model, batch):
@@ -183,13 +195,15 @@ def _error(w2, wq2, st, diag, n, spec) -> float:
 @register("block", streaming=True)
 def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=None, seed: int = 0,
           measure: str = "anchor", noise_draws: int = 2, noise_rel: float = 0.03,
-          anchor_batches: int | None = 2, timeout: float | None = None, checkpoint=None,
-          checkpoint_every: float = 60.0, probes: int = 8, probe_batches: int = 1) -> Sensitivity:
+          anchor_batches: int | None = 1, timeout: float | None = None, checkpoint=None,
+          checkpoint_every: float = 60.0, probes: int = 8, probe_batches: int = 1,
+          anchors: int = 2) -> Sensitivity:
     """Block-streaming table (L, B) for a causal-LM folder (see the module docstring).
 
     ``model``: the folder, or a model loaded from one (only its config's folder is used; its weights
     are never read). ``measure``: "anchor" (one measured option per layer, default) or "all".
-    ``anchor_batches``: calibration batches the anchors' errors are measured on (γ is a ratio of
+    ``anchors``: measured options per layer (1: bits nearest 4; 2: also the fewest bits, γ linear in
+    bits between them). ``anchor_batches``: calibration batches the anchors' errors are measured on (γ is a ratio of
     two errors on the same tokens, so a few batches suffice; None = all); "all" uses every batch.
     ``probes``: blocks (evenly spaced) whose output gets an isotropic noise probe carried to the end,
     measuring how later blocks amplify or damp a perturbation of the stream there (``gain``; between
@@ -209,6 +223,8 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
     if loss_fn not in (None, "kl") and getattr(loss_fn, "kind", None) != "kl":
         raise ValueError(f"sensitivity method 'block' predicts the label-free next-token KL; loss_fn={loss_fn!r} "
                          "is not supported (use loss_fn=None, or a whole-model method such as 'measured')")
+    if anchors not in (1, 2):
+        raise ValueError(f"anchors={anchors!r}; allowed: 1 (bits nearest 4) or 2 (also the fewest bits)")
     if anchor_batches is not None and (isinstance(anchor_batches, bool) or not isinstance(anchor_batches, int)
                                        or anchor_batches < 1):
         raise ValueError(f"anchor_batches={anchor_batches!r} must be a positive int or None (all batches)")
@@ -246,7 +262,8 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
 
     ck = _BlockCheckpoint(checkpoint, ranks, lm, graph, specs, batches, {
         "seed": seed, "measure": measure, "noise_draws": noise_draws, "noise_rel": noise_rel,
-        "anchor_batches": anchor_batches, "probes": probes, "probe_batches": probe_batches}) \
+        "anchor_batches": anchor_batches, "probes": probes, "probe_batches": probe_batches,
+        "anchors": anchors}) \
         if checkpoint is not None else None
     start = 0
     if ck is not None and ck.state:
@@ -285,7 +302,7 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
             cnt = allsum(counts[l.name], f"embedding counts of {l.name}")
             w = mod.weight.detach().float()
             e = np.zeros(B)
-            a, todo = _measured(specs, allowed[i], measure)
+            a, todo = _measured(specs, allowed[i], measure, anchors)
             for j in np.nonzero(allowed[i])[0]:
                 wq = fake_weight(mod, l.kind, specs[j])
                 e[j] = float(((wq.float() - w).pow(2).sum(1).double() * cnt).sum() / max(float(cnt.sum()), 1.0))
@@ -328,25 +345,25 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                                             f"embedding error of {graph.names[i]}")   # hq[q]: sub is a prefix
                         fwd += 1
                     for i, (a, todo, e) in emb_e.items():
-                        _carry(D, gamma, i, a, todo, e, allowed[i])
+                        _carry(D, gamma, i, a, todo, e, allowed[i], specs)
                     emb_in = {}
                 for n in names:
                     i, mod, info = row[n], mods[n], graph.layers[row[n]]
                     sq, cnt, st = stats[n]
                     w2 = layer_weight_2d(mod, info.kind).detach().float()
-                    a, todo = _measured(specs, allowed[i], measure)
+                    a, todo = _measured(specs, allowed[i], measure, anchors)
                     e = np.zeros(B)
                     for j in np.nonzero(allowed[i])[0]:
                         wq = fake_weight(mod, info.kind, specs[j], st)
                         e[j] = _error(w2, layer_weight_2d(_Tmp(wq), info.kind), st, sq, cnt, specs[j])
                         if j not in todo:
                             continue
-                        idx = range(len(h)) if (measure == "all" or j != a) else sub
+                        idx = range(len(h)) if (measure == "all" or j not in a) else sub
                         with _perturbed(mod, wq, specs[j].act_bits):
                             D[i, j] = mean_over(lambda q: _sq(lm.run_block(k, h[q], kws[q]), y[q]), idx,
                                                 f"block error of {n}")
                         fwd += 1
-                    _carry(D, gamma, i, a, todo, e, allowed[i])
+                    _carry(D, gamma, i, a, todo, e, allowed[i], specs)
                 for k0, xs in probe_x.items():        # the probes started before: on through this block
                     probe_x[k0] = [lm.run_block(k, x, kws[q]) for q, x in zip(pb, xs)]
                     fwd += 1
@@ -404,19 +421,19 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                     st.abs_sum = allsum(st.abs_sum, f"input statistics of {l.name}")
                     st.n_tokens = cnt
                 w2 = layer_weight_2d(mod, head_kind[l.name]).detach().float()
-                a, todo = _measured(specs, allowed[i], measure)
+                a, todo = _measured(specs, allowed[i], measure, anchors)
                 e, kl = np.zeros(B), np.zeros(B)
                 for j in np.nonzero(allowed[i])[0]:
                     wq = fake_weight(mod, head_kind[l.name], specs[j], st)
                     e[j] = _error(w2, layer_weight_2d(_Tmp(wq), head_kind[l.name]), st, sq, cnt, specs[j])
                     if j not in todo:
                         continue
-                    idx = range(len(h)) if (measure == "all" or j != a) else sub
+                    idx = range(len(h)) if (measure == "all" or j not in a) else sub
                     with _perturbed(mod, wq, specs[j].act_bits):
                         kl[j] = mean_over(lambda q: float(kl_to_reference(logits(h[q], my_b[q]), refs[q])) * _ntok(h[q]),
                                           idx, f"head KL of {l.name}")
                 g = np.full(L, np.nan)
-                _carry(kl[None, :], g[:1], 0, a, todo, e, allowed[i])
+                _carry(kl[None, :], g[:1], 0, a, todo, e, allowed[i], specs)
                 head_kl[i] = kl
     # ---- gains: how much of a perturbation of block k's output reaches the final stream
     pts = {k0: allsum(np.array([sum(_sq(x, h[q]) for q, x in zip(pb, xs)), probe_sq[k0]]), "probe gains")
@@ -427,7 +444,7 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
     row_gain = np.where([l.name in in_block or "embedding" in l.kinds for l in graph.layers], gain[blk_of], 1.0)
     loss = np.where(allowed, alpha * D * row_gain[:, None] + head_kl, 0.0)
     meta = {"alpha": alpha, "alpha_draws": ratios, "block_gain": gain.tolist(), "probe_blocks": sorted(pts), "gamma": np.nan_to_num(gamma).tolist(), "block_sq_err": D,
-            "head_kl": head_kl, "measure": measure, "anchor_batches": anchor_batches, "block_forwards": fwd,
+            "head_kl": head_kl, "measure": measure, "anchors": anchors, "anchor_batches": anchor_batches, "block_forwards": fwd,
             "blocks": len(lm.block_names), "peak_block_params": lm.peak_block_params,
             "block_params": max(sum(p.numel() for p in b.parameters()) for b in lm.blocks),
             "bytes_read": lm.shards.bytes_read, "tokens": tokens, "source": path,
@@ -537,14 +554,18 @@ def _gains(points: dict, n: int) -> np.ndarray:
     return np.exp(np.interp(np.arange(n), ks, np.log([pts[k] for k in ks])))
 
 
-def _carry(D, gamma, i, a, todo, e, allowed_row) -> None:
-    """Options of row ``i`` not measured get ``γ · e`` with ``γ = D[i, a] / e[a]`` (in place)."""
-    if a < 0:
+def _carry(D, gamma, i, anchors, todo, e, allowed_row, specs) -> None:
+    """Options of row ``i`` not measured get ``γ(bits) · e`` (in place): ``γ = D[i, a] / e[a]`` at each
+    anchor ``a``, linear in bits between two anchors, the nearest one's outside; ``gamma[i]`` keeps the
+    first anchor's."""
+    if not anchors:
         return
-    gamma[i] = D[i, a] / e[a] if e[a] > 0 else 0.0
+    g = {specs[a].bits: (D[i, a] / e[a] if e[a] > 0 else 0.0) for a in reversed(anchors)}
+    gamma[i] = D[i, anchors[0]] / e[anchors[0]] if e[anchors[0]] > 0 else 0.0
+    xs = sorted(g)
     for j in np.nonzero(allowed_row)[0]:
         if j not in todo:
-            D[i, j] = gamma[i] * e[j]
+            D[i, j] = float(np.interp(specs[j].bits, xs, [g[x] for x in xs])) * e[j]
 
 
 class _Tmp:

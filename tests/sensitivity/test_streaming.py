@@ -222,3 +222,12 @@ def test_probe_gains_match_noise_carried_through_the_whole_model(llama3):
     assert flat.meta["block_gain"] == [1.0, 1.0, 1.0]
     np.testing.assert_allclose(flat.loss, np.where(flat.allowed, flat.meta["alpha"] * flat.meta["block_sq_err"]
                                                    + flat.meta["head_kl"], 0), rtol=1e-12)
+
+
+def test_two_anchors_make_gamma_linear_in_bits_between_them():
+    from bitplan.core.spec import QuantSpec
+    from bitplan.sensitivity.streaming import _carry
+    specs = [QuantSpec(2), QuantSpec(3), QuantSpec(4), QuantSpec(8)]
+    D, e, gamma = np.array([[8.0, 0.0, 2.0, 0.0]]), np.array([2.0, 1.0, 1.0, 0.5]), np.zeros(1)
+    _carry(D, gamma, 0, [2, 0], [2, 0], e, [True] * 4, specs)      # γ(4 bits) = 2, γ(2 bits) = 4
+    assert D.tolist() == [[8.0, 3.0, 2.0, 1.0]] and gamma[0] == 2.0  # γ(3) = 3; γ(8) = γ(4), the nearest
