@@ -6,9 +6,11 @@ safetensors shards of <= 100 MB) at 4, 8, 16 (32) decoder layers. For each, ONE 
 ``bitplan plan --model DIR --method block --avg-bits 4`` (default options: bits 2,3,4,5,6,8 x
 per-channel / group 128; default calibration: 32 windows x 128 tokens of the built-in text) and
 reports its wall time, the scoring time (plan.estimator.seconds), the solve time, and its peak RSS
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at exit). ``--apply`` also packs the plan
-(``bitplan apply``, which loads the whole model: not streamed) and compares the packed tensors'
-bytes with the plan's predicted size.
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at exit). ``--apply`` also packs the plan with
+``bitplan apply`` in its own subprocess (streamed: one decoder block at a time, one safetensors shard
+per block) and records that process's peak RSS, wall / CPU time and shard count — apply memory vs
+depth — then compares the packed tensors' bytes with the plan's predicted size; ``--apply-whole``
+also runs ``bitplan apply --no-stream`` (the whole model in memory) for comparison.
 
 Random weights measure cost (time, memory), never quality.
 
@@ -17,10 +19,11 @@ Baseline (the whole-model path before the streaming estimator, issue 12, same fo
 
 ``--baseline 4 16`` also plans the same folders with the whole-model path (``--method hessian``, the
 default before streaming), each right after the streamed run of the same depth, so the speed-up is a
-ratio measured side by side under the same load; ``--one-b`` adds
-a ≈1 B-parameter model (TinyLlama-1.1B's shape, 22 layers, random weights).
+ratio measured side by side under the same load; ``--one-b`` adds a ≈1 B-parameter model
+(TinyLlama-1.1B's shape, 22 layers, random weights).
 
-Run:  python benchmarks/llm_scale.py [--layers 4 8 16 32] [--timeout 1500] [--apply 4] [--baseline 4 16] [--one-b]
+Run:  python benchmarks/llm_scale.py [--layers 4 8 16 32] [--timeout 1500] [--apply 4 16 32] [--apply-whole]
+                                     [--baseline 4 16] [--one-b]
 """
 from __future__ import annotations
 
@@ -66,22 +69,33 @@ def build(layers: int, big: bool = False) -> str:
     return path
 
 
-def worker(path: str, out: str, method: str = "block") -> None:
-    """Run `bitplan plan --method METHOD` in this process; write timings and peak RSS to ``out``."""
+def _progress(out: str, t0: float) -> None:
+    """Write this process's peak RSS so far to ``out.progress`` every 20 s (a background thread), so
+    that a run cut by the timeout still says something."""
     import threading
 
-    from bitplan.cli import main
-    plan_path = out + ".plan.json"
-    t0 = time.perf_counter()
-
-    def progress():                     # peak RSS so far, so that a run cut by the timeout still says something
+    def loop():
         while True:
             ru = resource.getrusage(resource.RUSAGE_SELF)
             with open(out + ".progress", "w", encoding="utf-8") as f:
                 json.dump({"elapsed_s": time.perf_counter() - t0, "peak_rss_mib_so_far": ru.ru_maxrss / 1024,
                            "cpu_s_so_far": ru.ru_utime + ru.ru_stime}, f)
             time.sleep(20)
-    threading.Thread(target=progress, daemon=True).start()
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def _usage() -> dict:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    # CPU seconds (user + sys, all threads): less sensitive than wall time to the other jobs
+    return {"peak_rss_mib": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime}
+
+
+def worker(path: str, out: str, method: str = "block") -> None:
+    """Run `bitplan plan --method METHOD` in this process; write timings and peak RSS to ``out``."""
+    from bitplan.cli import main
+    plan_path = out + ".plan.json"
+    t0 = time.perf_counter()
+    _progress(out, t0)
     rc = main(["plan", "--model", path, "--method", method, "--avg-bits", "4", "--out", plan_path, "--quiet"])
     wall = time.perf_counter() - t0
     with open(plan_path, encoding="utf-8") as f:
@@ -89,10 +103,21 @@ def worker(path: str, out: str, method: str = "block") -> None:
     rec = {"rc": rc, "wall_s": wall, "score_s": plan["estimator"]["seconds"], "solve_s": plan["solver"]["seconds"],
            "solver_status": plan["solver"]["status"], "method": plan["estimator"]["name"], "predicted_size_bytes": plan["predicted"]["size_bytes"],
            "budget_size_bytes": plan["budgets"]["size_bytes"], "layers_planned": len(plan["layers"]),
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           # CPU seconds (user + sys, all threads): less sensitive than wall time to the other jobs
-           "cpu_s": sum(getattr(resource.getrusage(resource.RUSAGE_SELF), k) for k in ("ru_utime", "ru_stime")),
-           "bits": sorted({v["bits"] for v in plan["layers"].values()})}
+           **_usage(), "bits": sorted({v["bits"] for v in plan["layers"].values()})}
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(rec, f)
+
+
+def apply_worker(path: str, plan: str, packed: str, out: str, stream: bool = True) -> None:
+    """Run `bitplan apply` (streamed unless ``stream`` is False) in this process; write its wall / CPU
+    time, peak RSS and the shards it wrote to ``out``."""
+    from bitplan.cli import main
+    from bitplan.packed_io import SHARD_PATTERN
+    t0 = time.perf_counter()
+    _progress(out, t0)
+    rc = main(["apply", "--model", path, "--plan", plan, "--out", packed, "--quiet"] + ([] if stream else ["--no-stream"]))
+    rec = {"rc": rc, "wall_s": time.perf_counter() - t0, **_usage(), "streamed": stream,
+           "shards": sum(bool(SHARD_PATTERN.fullmatch(f)) for f in os.listdir(packed)) if rc == 0 else None}
     with open(out, "w", encoding="utf-8") as f:
         json.dump(rec, f)
 
@@ -118,15 +143,41 @@ def check_size(packed: str, predicted: float) -> dict:
     return {"packed_model_bytes": real, "packed_tensor_bytes": packed_bytes(packed), "size_exact": real == predicted}
 
 
-def pack_and_check(path: str, out: str, n: int, timeout: float, predicted: float) -> dict:
-    """`bitplan apply` (whole model in memory: not streamed) of run ``out``'s plan, then check_size."""
+def _apply(path: str, plan: str, packed: str, timeout: float, stream: bool) -> dict:
+    """One `bitplan apply` in a subprocess (apply_worker): its record, or why there is none."""
+    rec_file = packed + ".apply.json"
+    if os.path.exists(rec_file):
+        os.remove(rec_file)
+    try:
+        q = subprocess.run([sys.executable, os.path.abspath(__file__), "--apply-worker", path, plan, packed, rec_file,
+                            "stream" if stream else "whole"], timeout=timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        rec = {"timed_out_after_s": timeout}
+        if os.path.exists(rec_file + ".progress"):
+            with open(rec_file + ".progress", encoding="utf-8") as f:
+                rec.update(json.load(f))
+        return rec
+    if q.returncode != 0 or not os.path.exists(rec_file):
+        return {"rc": q.returncode, "error": q.stderr[-2000:]}
+    with open(rec_file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def pack_and_check(path: str, out: str, n: int, timeout: float, predicted: float, whole: bool = False) -> dict:
+    """`bitplan apply` (streamed) of run ``out``'s plan, its peak RSS and shards, then check_size;
+    ``whole``: also `bitplan apply --no-stream` (whole model in memory) for comparison."""
     packed = os.path.join(OUT, f"packed_{n}L")
-    t0 = time.perf_counter()
-    q = subprocess.run([sys.executable, "-m", "bitplan", "apply", "--model", path, "--plan", out + ".plan.json",
-                        "--out", packed, "--quiet"], timeout=timeout, capture_output=True, text=True)
-    rec = {"apply_rc": q.returncode, "apply_wall_s": time.perf_counter() - t0}
-    if q.returncode == 0:
+    a = _apply(path, out + ".plan.json", packed, timeout, stream=True)
+    rec = {"apply_rc": a.get("rc"), "apply_wall_s": a.get("wall_s"), "apply_cpu_s": a.get("cpu_s"),
+           "apply_peak_rss_mib": a.get("peak_rss_mib"), "apply_shards": a.get("shards"),
+           **({"apply_error": a["error"]} if "error" in a else {}),
+           **({"apply_timed_out_after_s": timeout} if "timed_out_after_s" in a else {})}
+    if a.get("rc") == 0:
         rec.update(check_size(packed, predicted))
+    if whole:
+        w = _apply(path, out + ".plan.json", packed + "_whole", timeout, stream=False)
+        rec.update({"apply_whole_rc": w.get("rc"), "apply_whole_wall_s": w.get("wall_s"),
+                    "apply_whole_peak_rss_mib": w.get("peak_rss_mib")})
     return rec
 
 
@@ -155,22 +206,27 @@ def run_one(path: str, out: str, n: int, method: str, timeout: float) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, nargs="*", default=[4, 8, 16])
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--timeout", type=float, default=1500, help="seconds per model (the machine is shared)")
     ap.add_argument("--apply", type=int, nargs="*", default=[], help="depths to also pack and check the size of")
     ap.add_argument("--apply-only", action="store_true",
                     help="pack the plans of an earlier run (--layers) and check their size; no re-scoring")
+    ap.add_argument("--apply-whole", action="store_true",
+                    help="with --apply / --apply-only: also time `bitplan apply --no-stream` (whole model in memory)")
     ap.add_argument("--baseline", type=int, nargs="*", default=[],
                     help="depths to also plan with the whole-model path (--method hessian, the default before "
-                         "streaming), in the same run: results key hessian_N")
+                         "streaming), each right after the streamed run: results key hessian_N")
     ap.add_argument("--one-b", action="store_true", help=f"also the ≈1 B-parameter model ({LAYERS_1B} layers of "
-                    "TinyLlama-1.1B's shape): results key 1b")
+                    "TinyLlama-1.1B's shape): results key 1b (packed too when --apply is given)")
     ap.add_argument("--worker", nargs=2, metavar=("DIR", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-method", default="block", help=argparse.SUPPRESS)
+    ap.add_argument("--apply-worker", nargs=5, metavar=("DIR", "PLAN", "PACKED", "OUT", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--check-size", nargs=2, metavar=("PACKED", "PREDICTED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(*args.worker, method=args.worker_method)
+    if args.apply_worker:
+        return apply_worker(*args.apply_worker[:4], stream=args.apply_worker[4] == "stream")
     if args.check_size:
         return print(json.dumps(check_size(args.check_size[0], float(args.check_size[1]))))
     sys.path.insert(0, ROOT)
@@ -178,17 +234,18 @@ def main(argv=None) -> None:
     os.makedirs(OUT, exist_ok=True)
     rows = {}
     for n in args.layers:
-        out = os.path.join(OUT, f"run_{n}L.json")
         if args.apply_only:
             with open(RESULT, encoding="utf-8") as f:
                 rec = json.load(f)["results"][str(n)]
-            rows[str(n)] = {**rec, **pack_and_check(build(n), out, n, args.timeout, rec["predicted_size_bytes"])}
+            rows[str(n)] = {**rec, **pack_and_check(build(n), os.path.join(OUT, f"run_{n}L.json"), n, args.timeout,
+                                                    rec["predicted_size_bytes"], args.apply_whole)}
             print(json.dumps(rows[str(n)]), flush=True)
             continue
         path = build(n)
+        out = os.path.join(OUT, f"run_{n}L.json")
         rec = run_one(path, out, n, "block", args.timeout)
         if n in args.apply and "score_s" in rec:
-            rec.update(pack_and_check(path, out, n, args.timeout, rec["predicted_size_bytes"]))
+            rec.update(pack_and_check(path, out, n, args.timeout, rec["predicted_size_bytes"], args.apply_whole))
         rows[str(n)] = rec
         print(str(n), json.dumps(rec), flush=True)
         if n in args.baseline:              # right after, on the same folder: the ratio under the same load
@@ -196,9 +253,12 @@ def main(argv=None) -> None:
             print(f"hessian_{n}", json.dumps(rows[f"hessian_{n}"]), flush=True)
     if args.one_b:
         path = build(LAYERS_1B, big=True)
-        rows["1b"] = {**run_one(path, os.path.join(OUT, "run_1b.json"), LAYERS_1B, "block", args.timeout),
-                      "shape": SHAPE_1B}
-        print("1b", json.dumps(rows["1b"]), flush=True)
+        out = os.path.join(OUT, "run_1b.json")
+        rec = {**run_one(path, out, LAYERS_1B, "block", args.timeout), "shape": SHAPE_1B}
+        if args.apply and "score_s" in rec:
+            rec.update(pack_and_check(path, out, "1b", args.timeout, rec["predicted_size_bytes"], args.apply_whole))
+        rows["1b"] = rec
+        print("1b", json.dumps(rec), flush=True)
     for n in sorted(set(args.baseline) - set(args.layers)):
         rows[f"hessian_{n}"] = run_one(build(n), os.path.join(OUT, f"run_hessian_{n}L.json"), n, "hessian", args.timeout)
         print(f"hessian_{n}", json.dumps(rows[f"hessian_{n}"]), flush=True)

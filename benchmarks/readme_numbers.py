@@ -221,6 +221,12 @@ def llm_scale(d=None) -> str:
     if exact:
         r = d["results"][exact[0]]
         out += ["", f"The {exact[0]}-layer plan packs to exactly its predicted {r['packed_model_bytes']:,} bytes."]
+    applied = [(n, r) for n, r in sorted(d["results"].items(), key=lambda kv: int(kv[0])) if r.get("apply_peak_rss_mib")]
+    if applied:                  # `bitplan apply` streamed (one shard per decoder block), its own process
+        out += ["", "`bitplan apply` (streamed) peak RSS: " + "; ".join(
+            f"{n} layers {r['apply_peak_rss_mib']:,.0f} MiB, {r['apply_shards']} shards, {r['apply_wall_s']:.0f} s"
+            + (f" (whole model, `--no-stream`: {r['apply_whole_peak_rss_mib']:,.0f} MiB)"
+               if r.get("apply_whole_peak_rss_mib") else "") for n, r in applied) + "."]
     return "\n".join(out) + "\n"
 
 

@@ -15,14 +15,15 @@ from .core.spec import QuantSpec
 from .core.version import __version__
 
 __all__ = ["allocate", "refine", "apply_plan_", "Plan", "QuantSpec", "LayerGraph", "save_packed",
-           "load_packed", "InfeasibleBudgetError", "PlanMismatchError", "__version__"]
+           "save_packed_streamed", "load_packed", "InfeasibleBudgetError", "PlanMismatchError", "__version__"]
 
 _LAZY = {"allocate": ("api", "allocate"), "refine": ("joint", "refine"), "Plan": ("plan", "Plan"),
          "LayerGraph": ("core.graph", "LayerGraph"), "save_packed": ("packed_io", "save_packed"),
+         "save_packed_streamed": ("packed_stream", "save_packed_streamed"),
          "load_packed": ("packed_io", "load_packed"), "apply_plan_": ("apply", "apply_plan_"),
          "InfeasibleBudgetError": ("allocator.errors", "InfeasibleBudgetError")}
-_SUBMODULES = ("budgets", "scoring", "frontier", "joint", "packed_io", "plots", "export", "report", "models",
-               "evaluate", "api", "plan", "apply", "core", "allocator", "sensitivity", "costmodels", "kernels")
+_SUBMODULES = ("budgets", "scoring", "frontier", "joint", "packed_io", "packed_stream", "plots", "export", "report",
+               "models", "evaluate", "api", "plan", "apply", "core", "allocator", "sensitivity", "costmodels", "kernels")
 
 
 def __getattr__(name):          # lazy: `import bitplan` stays light (no torch, pulp, cvxpy, transformers)

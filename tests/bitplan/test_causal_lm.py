@@ -1,7 +1,7 @@
 """Causal LMs end to end through the CLI, on a tiny random Qwen2-style folder with tied embeddings:
-`plan` (no calibration flags: built-in text, next-token KL) -> `apply` -> `eval`; the plan covers the
-embedding / lm_head as ONE tied layer, packed bytes equal the prediction, the packed folder rebuilds
-by itself and generates. Random weights: plumbing and bytes, not quality."""
+`plan` (no calibration flags: built-in text, next-token KL) -> `apply` (streamed: sharded) -> `eval`;
+the plan covers the embedding / lm_head as ONE tied layer, packed bytes equal the prediction, the
+packed folder rebuilds by itself and generates. Random weights: plumbing and bytes, not quality."""
 from __future__ import annotations
 
 import json
@@ -31,7 +31,9 @@ def test_plan_apply_eval(qwen, tmp_path):
     assert "model.embed_tokens" in plan.layers and "lm_head" not in plan.layers       # tied: one decision
     assert plan.meta["aliases"] == {"model.embed_tokens": ["lm_head"]}
     assert plan.estimator["loss"].startswith("label-free kl")
-    ok(run("apply", "--model", qwen, "--plan", tmp_path / "plan.json", "--out", tmp_path / "packed"))
+    p = ok(run("apply", "--model", qwen, "--plan", tmp_path / "plan.json", "--out", tmp_path / "packed"))
+    assert p.stdout.startswith("streamed 2 decoder blocks one at a time")       # a causal-LM folder streams
+    assert os.path.isfile(tmp_path / "packed" / "model.safetensors.index.json")
     assert os.path.isfile(tmp_path / "packed" / "skeleton" / "config.json")
     assert os.path.isfile(tmp_path / "packed" / "skeleton" / "tokenizer.json")
     m = load_packed(tmp_path / "packed")                       # rebuilds from its own config, no code

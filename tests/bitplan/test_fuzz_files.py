@@ -1,7 +1,7 @@
 """Fuzzed files are refused at load with a ValueError, or they load AND work.
 
-For each file type bitplan reads (plan, sensitivity table, packed-folder manifest; the latency
-profile has its own in tests/kernels), hypothesis mutates a valid file — values replaced by other
+For each file type bitplan reads (plan, sensitivity table, packed-folder manifest, safetensors shard
+index; the latency profile has its own in tests/kernels), hypothesis mutates a valid file — values replaced by other
 JSON values (wrong types, huge / negative / fractional numbers, NaN-free but absurd), keys dropped or
 added, lists truncated — and also feeds raw byte garbage. Loading must raise ``ValueError`` (naming
 the file) or succeed; what loads must then apply (plans), solve (tables) or load its folder without
@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import warnings
 
 import pytest
@@ -160,6 +161,50 @@ def test_fuzzed_manifests_are_refused_or_load(world, tmp_path_factory, data):
             m = load_packed(folder, tiny)
     except ValueError:
         return
+    with torch.no_grad():
+        m(batches[0])
+
+
+@pytest.fixture(scope="module")
+def sharded_folder(world, tmp_path_factory):
+    """The world's plan saved as a 2-shard folder: (folder, index)."""
+    from bitplan.packed_io import save_packed
+    from tests.bitplan.test_packed_io import to_sharded
+    model, _, plan, _ = world
+    folder = tmp_path_factory.mktemp("sharded") / "packed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        save_packed(model, plan, folder)
+    return folder, to_sharded(folder, 2)
+
+
+SHARD_NAMES = st.sampled_from(["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                               "model-00003-of-00002.safetensors", "model-00001-of-00001.safetensors",
+                               "../model-00001-of-00002.safetensors", "/tmp/model-00001-of-00002.safetensors",
+                               "model-00001-of-00002.safetensors/", "bitplan_packed.json", "", ".", ".."])
+
+
+@SETTINGS
+@given(data=st.data())
+def test_fuzzed_shard_indexes_are_refused_or_load(world, sharded_folder, tmp_path_factory, data):
+    from bitplan.packed_io import INDEX_FILE, load_packed
+    _, batches, _, _ = world
+    base, index = sharded_folder
+    folder = tmp_path_factory.mktemp("i") / "packed"
+    shutil.copytree(base, folder)
+    d = data.draw(mutated(index))
+    wmap = d.get("weight_map")
+    if isinstance(wmap, dict) and wmap and data.draw(st.booleans()):     # a shard name: other, odd or a path
+        wmap[data.draw(st.sampled_from(sorted(wmap)))] = data.draw(SHARD_NAMES)
+    (folder / INDEX_FILE).write_text(json.dumps(d))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            m = load_packed(folder, tiny)
+    except ValueError as e:
+        assert str(folder) in str(e)
+        return
+    assert d == index                        # only the unchanged index loads
     with torch.no_grad():
         m(batches[0])
 

@@ -128,3 +128,138 @@ def test_a_failed_save_leaves_the_previous_folder_loadable(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="not a bitplan packed folder"):       # never overwrites user files
         save_packed(model, plan, other)
     assert (other / "mine.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------ sharded folders (format 3)
+def to_sharded(folder, n: int = 2) -> dict:
+    """Rewrite a single-file packed folder as ``n`` shards + index (what save_packed_streamed writes for
+    a causal LM; here for any model, so the loader is tested on its own). Returns the index."""
+    from safetensors.torch import load_file, save_file
+
+    from bitplan.packed_io import INDEX_FILE, WEIGHTS_FILE, shard_name
+    sd = load_file(folder / WEIGHTS_FILE)
+    names, wmap = sorted(sd), {}
+    for i in range(n):
+        save_file({k: sd[k] for k in names[i::n]}, folder / shard_name(i + 1, n))
+        wmap.update(dict.fromkeys(names[i::n], shard_name(i + 1, n)))
+    (folder / WEIGHTS_FILE).unlink()
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())}, "weight_map": wmap}
+    (folder / INDEX_FILE).write_text(json.dumps(index))
+    man = json.loads((folder / MANIFEST_FILE).read_text())
+    (folder / MANIFEST_FILE).write_text(json.dumps({**man, "weights": "sharded"}))
+    return index
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    model, batches = tiny()
+    folder = tmp_path / "m"
+    save_packed(model, mixed_plan(model, (2, 4, 8, 8)), folder)
+    ref = load_packed(folder, tiny)
+    return folder, to_sharded(folder), ref, batches
+
+
+def test_a_sharded_folder_loads_to_the_same_model(sharded):
+    folder, index, ref, batches = sharded
+    loaded = load_packed(folder, tiny)
+    with torch.no_grad():
+        assert all(torch.equal(loaded(b), ref(b)) for b in batches)
+    assert model_nbytes(loaded) == read_manifest(folder)["size_bytes"]
+
+
+def _edit_index(change):
+    def edit(folder, index):
+        from bitplan.packed_io import INDEX_FILE
+        d = copy.deepcopy(index)
+        change(d)
+        (folder / INDEX_FILE).write_text(json.dumps(d))
+    return edit
+
+
+def _first(d):
+    return sorted(d["weight_map"])[0]
+
+
+def _move_tensor_into_other_shard(folder, index):
+    """Shard 2 also holds a tensor the index gives shard 1 (a tensor stored twice)."""
+    from safetensors.torch import load_file, save_file
+    a, b = (load_file(folder / f"model-0000{i}-of-00002.safetensors") for i in (1, 2))
+    k = sorted(a)[0]
+    save_file({**b, k: a[k]}, folder / "model-00002-of-00002.safetensors")
+
+
+def _symlink_shard(folder, index):
+    real = folder.parent / "elsewhere.safetensors"
+    os.replace(folder / "model-00002-of-00002.safetensors", real)
+    os.symlink(real, folder / "model-00002-of-00002.safetensors")
+
+
+def _symlink_index(folder, index):
+    real = folder.parent / "index.json"
+    os.replace(folder / "model.safetensors.index.json", real)
+    os.symlink(real, folder / "model.safetensors.index.json")
+
+
+def _wrong_shape(folder, index):
+    from safetensors.torch import load_file, save_file
+    a = load_file(folder / "model-00001-of-00002.safetensors")
+    k = sorted(a)[0]
+    save_file({**a, k: torch.zeros(3, dtype=a[k].dtype)}, folder / "model-00001-of-00002.safetensors")
+
+
+def _huge_index(folder, index):
+    from bitplan.packed_io import MAX_INDEX_BYTES
+    with open(folder / "model.safetensors.index.json", "r+b") as f:
+        f.truncate(MAX_INDEX_BYTES + 1)                       # sparse: no disk used
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_edit_index(lambda d: d["weight_map"].update({_first(d): "../x"})), r"'\.\./x' is not a shard file name"),
+    (_edit_index(lambda d: d["weight_map"].update({_first(d): "/etc/passwd"})), r"'/etc/passwd' is not a shard file"),
+    (_edit_index(lambda d: d["weight_map"].update({_first(d): "model-00003-of-00002.safetensors"})),
+     "is not a shard file name"),
+    (_edit_index(lambda d: d["weight_map"].update({_first(d): "model-00001-of-00003.safetensors"})), "different counts"),
+    (_edit_index(lambda d: d["weight_map"].pop(_first(d))), r"missing \['"),
+    (_edit_index(lambda d: d["weight_map"].update({"extra.codes": "model-00001-of-00002.safetensors"})),
+     r"unexpected \['extra.codes'\]"),
+    (_edit_index(lambda d: d["metadata"].update(total_size=d["metadata"]["total_size"] + 1)), "total_size"),
+    (_edit_index(lambda d: d.update(code="payload:run")), r"unknown field\(s\) \['code'\]"),
+    (_edit_index(lambda d: d.update(weight_map={})), "weight_map"),
+    (_move_tensor_into_other_shard, "holds tensors .* the index does not give it"),
+    (_symlink_shard, "model-00002-of-00002.safetensors: the shard .*a link is never followed"),
+    (_symlink_index, "index.json: the safetensors index is missing or not a regular file"),
+    (lambda f, i: (f / "model-00002-of-00002.safetensors").unlink(), "model-00002-of-00002.safetensors: the shard"),
+    (lambda f, i: (f / "model-00002-of-00002.safetensors").write_bytes(b"\x08" + b"\0" * 20), "not a readable safetensors"),
+    (lambda f, i: (f / "model.safetensors.index.json").write_text("{weight_map: 1"), "not a valid safetensors index"),
+    (lambda f, i: (f / "model.safetensors.index.json").unlink(), "index.json: the safetensors index is missing"),
+    (_huge_index, "larger than any safetensors index"),
+    (_wrong_shape, "does not load into the rebuilt model"),
+])
+def test_bad_shard_indexes_raise_value_error(sharded, edit, match):
+    folder, index, _, _ = sharded
+    edit(folder, index)
+    with pytest.raises(ValueError, match=match) as e:
+        load_packed(folder, tiny)
+    assert str(folder) in str(e.value)
+
+
+def test_format_versions(sharded, tmp_path):
+    folder, _, ref, batches = sharded
+    man = json.loads((folder / MANIFEST_FILE).read_text())
+    (folder / MANIFEST_FILE).write_text(json.dumps({k: v for k, v in man.items() if k != "weights"}))
+    with pytest.raises(ValueError, match="needs 'weights'"):
+        read_manifest(folder)
+    (folder / MANIFEST_FILE).write_text(json.dumps({**man, "weights": "single"}))
+    with pytest.raises(ValueError, match="model.safetensors is missing"):
+        load_packed(folder, tiny)
+    model, _ = tiny()                         # a version-2 folder (bitplan before sharding) still loads
+    save_packed(model, mixed_plan(model, (2, 4, 8, 8)), tmp_path / "v2")
+    man = json.loads((tmp_path / "v2" / MANIFEST_FILE).read_text())
+    assert man["format_version"] == 3 and man["weights"] == "single"
+    man = {**{k: v for k, v in man.items() if k != "weights"}, "format_version": 2}
+    (tmp_path / "v2" / MANIFEST_FILE).write_text(json.dumps(man))
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "v2", tiny)(batches[0]), ref(batches[0]))
+    (tmp_path / "v2" / MANIFEST_FILE).write_text(json.dumps({**man, "weights": "sharded"}))
+    with pytest.raises(ValueError, match="format_version 3 field"):
+        read_manifest(tmp_path / "v2")
