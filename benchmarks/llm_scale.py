@@ -90,12 +90,37 @@ def _usage() -> dict:
     return {"peak_rss_mib": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime}
 
 
+def goal(path: str, tokens: int) -> dict:
+    """Issue 12's memory goal for scoring, in MiB: 2 x one decoder block's fp32 weights + the carried
+    calibration activations (input and output of a block, fp32) + everything outside the blocks."""
+    from safetensors import safe_open
+    block, outer, hidden = 0, 0, 0
+    for fn in sorted(os.listdir(path)):
+        if fn.endswith(".safetensors"):
+            with safe_open(os.path.join(path, fn), "pt") as f:
+                for k in f.keys():
+                    n = 1
+                    for d in f.get_slice(k).get_shape():
+                        n *= d
+                    if ".layers.0." in k:
+                        block += n
+                    elif ".layers." not in k:
+                        outer += n
+                    if k.endswith("embed_tokens.weight"):
+                        hidden = f.get_slice(k).get_shape()[1]
+    return {"block_params": block, "outer_params": outer,
+            "goal_mib": (2 * block * 4 + 2 * tokens * hidden * 4 + outer * 4) / 2 ** 20}
+
+
 def worker(path: str, out: str, method: str = "block") -> None:
     """Run `bitplan plan --method METHOD` in this process; write timings and peak RSS to ``out``."""
     from bitplan.cli import main
+    from bitplan.models import load_model
     plan_path = out + ".plan.json"
     t0 = time.perf_counter()
     _progress(out, t0)
+    load_model(path, lazy=True)             # what `plan` holds before scoring: runtime, meta model, batches
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rc = main(["plan", "--model", path, "--method", method, "--avg-bits", "4", "--out", plan_path, "--quiet"])
     wall = time.perf_counter() - t0
     with open(plan_path, encoding="utf-8") as f:
@@ -103,6 +128,7 @@ def worker(path: str, out: str, method: str = "block") -> None:
     rec = {"rc": rc, "wall_s": wall, "score_s": plan["estimator"]["seconds"], "solve_s": plan["solver"]["seconds"],
            "solver_status": plan["solver"]["status"], "method": plan["estimator"]["name"], "predicted_size_bytes": plan["predicted"]["size_bytes"],
            "budget_size_bytes": plan["budgets"]["size_bytes"], "layers_planned": len(plan["layers"]),
+           "rss_before_scoring_mib": before, **goal(path, plan["estimator"].get("tokens") or 32 * 128),
            **_usage(), "bits": sorted({v["bits"] for v in plan["layers"].values()})}
     with open(out, "w", encoding="utf-8") as f:
         json.dump(rec, f)
