@@ -201,7 +201,7 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
     """Block-streaming table (L, B) for a causal-LM folder (see the module docstring).
 
     ``model``: the folder, or a model loaded from one (only its config's folder is used; its weights
-    are never read). ``measure``: "anchor" (one measured option per layer, default) or "all".
+    are never read). ``measure``: "anchor" (``anchors`` measured options per layer, default) or "all".
     ``anchors``: measured options per layer (1: bits nearest 4; 2: also the fewest bits, γ linear in
     bits between them). ``anchor_batches``: calibration batches the anchors' errors are measured on (γ is a ratio of
     two errors on the same tokens, so a few batches suffice; None = all); "all" uses every batch.
