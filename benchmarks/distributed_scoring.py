@@ -6,16 +6,20 @@ CLI end to end, in interleaved rounds (the order of the two variants flips every
   1p   OMP_NUM_THREADS=1 python -m bitplan plan --model minilm --sensitivity M ...
   2p   OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node=2 -m bitplan plan ...  (gloo)
 
-for M in measured and hessian. Reported per run: the command's wall time (model loading, scoring,
+for M in measured and hessian; and ``block`` (the streamed causal-LM estimator, batches sharded over
+the ranks) on the causal-LM folder ``--llm DIR`` (e.g. benchmarks/out/llm_scale/llama_4L from
+llm_scale.py) with its default calibration (32 windows x 128 tokens). Reported per run: the command's wall time (model loading, scoring,
 solving, writing), the CPU seconds of all its processes (user + sys; model loading is repeated
 in every process) and the scoring time alone (``meta.seconds`` of the sensitivity table rank 0
 wrote: its own share plus waiting for the other rank). Speed-up = median(1p) / median(2p). Every
-2p table must equal the 1p table exactly and every plan must choose the same option per layer.
+2p table must equal the 1p table exactly (``block``: up to floating-point summation order — its
+largest relative difference is reported) and every plan must choose the same option per layer.
 
 The machine may be shared: 1-minute load averages before and after each run are recorded, and
 numbers measured under load are to be quoted as such (two processes need two free cores).
 
 Run: python benchmarks/distributed_scoring.py [--rounds 3] [--calib-batches 2] [--bits 2,4,8]
+         [--methods measured,hessian,block --llm benchmarks/out/llm_scale/llama_4L]
 Writes benchmarks/results/distributed_scoring.json (with provenance).
 """
 from __future__ import annotations
@@ -49,9 +53,13 @@ def run_once(method: str, world: int, args, folder: str) -> dict:
     for f in (cache, plan):
         if os.path.exists(f):
             os.remove(f)
-    cli = ["-m", "bitplan", "plan", "--model", "minilm", "--sensitivity", method, "--bits", args.bits,
-           "--group-size", "channel", "--calib-batches", str(args.calib_batches), "--avg-bits", str(args.avg_bits),
-           "--sensitivity-cache", cache, "--out", plan, "-q"]
+    if method == "block":
+        cli = ["-m", "bitplan", "plan", "--model", args.llm, "--sensitivity", "block", "--avg-bits", "4",
+               "--sensitivity-cache", cache, "--out", plan, "-q"]
+    else:
+        cli = ["-m", "bitplan", "plan", "--model", "minilm", "--sensitivity", method, "--bits", args.bits,
+               "--group-size", "channel", "--calib-batches", str(args.calib_batches), "--avg-bits",
+               str(args.avg_bits), "--sensitivity-cache", cache, "--out", plan, "-q"]
     if method == "hessian":
         cli += ["--max-probes", str(args.max_probes)]
     if world > 1:
@@ -76,6 +84,13 @@ def run_once(method: str, world: int, args, folder: str) -> dict:
             "_loss": table["loss"], "_layers": layers, "probes": table["meta"].get("probes")}
 
 
+def _max_rel(runs, ref) -> float:
+    """Largest |table - reference| / max |reference| over every run."""
+    import numpy as np
+    r = np.asarray(ref, dtype=float)
+    return float(max(np.abs(np.asarray(x["_loss"], dtype=float) - r).max() for x in runs) / max(np.abs(r).max(), 1e-300))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -84,7 +99,10 @@ def main():
     ap.add_argument("--avg-bits", type=float, default=5.0)
     ap.add_argument("--max-probes", type=int, default=16)
     ap.add_argument("--methods", default="measured,hessian")
+    ap.add_argument("--llm", metavar="DIR", help="causal-LM folder for --methods block")
     args = ap.parse_args()
+    if "block" in args.methods.split(",") and not args.llm:
+        ap.error("--methods block needs --llm DIR (a causal-LM folder with safetensors weights)")
     import torch
     res = {**provenance(), "what": __doc__.split("\n\n")[0], "cpu_count": os.cpu_count(),
            "threads_per_process": 1, "settings": vars(args), "methods": {}}
@@ -107,6 +125,7 @@ def main():
                 "speedup_wall": med["wall_s"]["1p"] / med["wall_s"]["2p"],
                 "speedup_scoring": med["score_s"]["1p"] / med["score_s"]["2p"],
                 "identical_tables": all(x["_loss"] == one[0]["_loss"] for x in runs),
+                "max_rel_diff": _max_rel(runs, one[0]["_loss"]),
                 "identical_plans": all(x["_layers"] == one[0]["_layers"] for x in runs),
                 "layers": len(one[0]["_layers"]), "options": len(one[0]["_loss"][0])}
             m = res["methods"][method]

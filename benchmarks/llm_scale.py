@@ -17,7 +17,13 @@ Random weights measure cost (time, memory), never quality.
 Baseline (the whole-model path before the streaming estimator, issue 12, same folders, 2 cores):
 4 layers 3,177 MiB / 192 s, 16 layers 10,432 MiB / 745 s.
 
-Run:  python benchmarks/llm_scale.py [--layers 4 8 16] [--timeout 1500] [--apply 4 8 16] [--apply-whole]
+``--baseline 4 16`` also plans the same folders with the whole-model path (``--method hessian``, the
+default before streaming), each right after the streamed run of the same depth, so the speed-up is a
+ratio measured side by side under the same load; ``--one-b`` adds a ≈1 B-parameter model
+(TinyLlama-1.1B's shape, 22 layers, random weights).
+
+Run:  python benchmarks/llm_scale.py [--layers 4 8 16 32] [--timeout 1500] [--apply 4 16 32] [--apply-whole]
+                                     [--baseline 4 16] [--one-b]
 """
 from __future__ import annotations
 
@@ -34,12 +40,17 @@ OUT = os.path.join(ROOT, "benchmarks", "out", "llm_scale")
 RESULT = os.path.join(ROOT, "benchmarks", "results", "llm_scale.json")
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
              max_position_embeddings=2048)
+# ≈ 1 B parameters: TinyLlama-1.1B's shape (hidden 2048, intermediate 5632, GQA 32/4 heads, 22 layers)
+SHAPE_1B = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+                max_position_embeddings=2048)
+LAYERS_1B = 22
 BASELINE = {"4": {"peak_rss_mib": 3177, "seconds": 192}, "16": {"peak_rss_mib": 10432, "seconds": 745}}
 
 
-def build(layers: int) -> str:
-    """Write (once) a random Llama folder with ``layers`` decoder blocks; returns its path."""
-    path = os.path.join(OUT, f"llama_{layers}L")
+def build(layers: int, big: bool = False) -> str:
+    """Write (once) a random Llama folder with ``layers`` decoder blocks (``big``: the ≈1 B shape);
+    returns its path."""
+    path = os.path.join(OUT, f"llama_{layers}L" + ("_1b" if big else ""))
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -49,7 +60,7 @@ def build(layers: int) -> str:
     tok = train_tokenizer(512)
     cfg = AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"], num_hidden_layers=layers,
                                vocab_size=len(tok), tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id, **SHAPE)
+                               eos_token_id=tok.eos_token_id, **(SHAPE_1B if big else SHAPE))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(layers)
         model = AutoModelForCausalLM.from_config(cfg)
@@ -79,19 +90,45 @@ def _usage() -> dict:
     return {"peak_rss_mib": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime}
 
 
-def worker(path: str, out: str) -> None:
-    """Run `bitplan plan --method block` in this process; write timings and peak RSS to ``out``."""
+def goal(path: str, tokens: int) -> dict:
+    """Issue 12's memory goal for scoring, in MiB: 2 x one decoder block's fp32 weights + the carried
+    calibration activations (input and output of a block, fp32) + everything outside the blocks."""
+    from safetensors import safe_open
+    block, outer, hidden = 0, 0, 0
+    for fn in sorted(os.listdir(path)):
+        if fn.endswith(".safetensors"):
+            with safe_open(os.path.join(path, fn), "pt") as f:
+                for k in f.keys():
+                    n = 1
+                    for d in f.get_slice(k).get_shape():
+                        n *= d
+                    if ".layers.0." in k:
+                        block += n
+                    elif ".layers." not in k:
+                        outer += n
+                    if k.endswith("embed_tokens.weight"):
+                        hidden = f.get_slice(k).get_shape()[1]
+    return {"block_params": block, "outer_params": outer,
+            "goal_mib": (2 * block * 4 + 2 * tokens * hidden * 4 + outer * 4) / 2 ** 20}
+
+
+def worker(path: str, out: str, method: str = "block") -> None:
+    """Run `bitplan plan --method METHOD` in this process; write timings and peak RSS to ``out``."""
     from bitplan.cli import main
+    from bitplan.models import load_model
     plan_path = out + ".plan.json"
     t0 = time.perf_counter()
     _progress(out, t0)
-    rc = main(["plan", "--model", path, "--method", "block", "--avg-bits", "4", "--out", plan_path, "--quiet"])
+    load_model(path, lazy=True)             # what `plan` holds before scoring: runtime, meta model, batches
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rc = main(["plan", "--model", path, "--method", method, "--avg-bits", "4", "--out", plan_path, "--quiet"])
     wall = time.perf_counter() - t0
     with open(plan_path, encoding="utf-8") as f:
         plan = json.load(f)
     rec = {"rc": rc, "wall_s": wall, "score_s": plan["estimator"]["seconds"], "solve_s": plan["solver"]["seconds"],
-           "solver_status": plan["solver"]["status"], "predicted_size_bytes": plan["predicted"]["size_bytes"],
+           "solver_status": plan["solver"]["status"], "method": plan["estimator"]["name"], "predicted_size_bytes": plan["predicted"]["size_bytes"],
            "budget_size_bytes": plan["budgets"]["size_bytes"], "layers_planned": len(plan["layers"]),
+           "rss_before_scoring_mib": before, **goal(path, plan["estimator"].get("tokens") or 32 * 128),
            **_usage(), "bits": sorted({v["bits"] for v in plan["layers"].values()})}
     with open(out, "w", encoding="utf-8") as f:
         json.dump(rec, f)
@@ -171,6 +208,29 @@ def pack_and_check(path: str, out: str, n: int, timeout: float, predicted: float
     return rec
 
 
+def run_one(path: str, out: str, n: int, method: str, timeout: float) -> dict:
+    """`bitplan plan --method METHOD` on ``path`` in a subprocess; its record (or why it has none)."""
+    fp32 = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", path, out, "--worker-method",
+                            method], timeout=timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        rec = {"timed_out_after_s": timeout, "layers": n, "method": method}
+        if os.path.exists(out + ".progress"):
+            with open(out + ".progress", encoding="utf-8") as f:
+                rec.update(json.load(f))
+        return rec
+    if p.returncode != 0:
+        return {"error": p.stderr[-2000:], "layers": n, "method": method}
+    with open(out, encoding="utf-8") as f:
+        rec = json.load(f)
+    rec.update({"layers": n, "fp32_weights_mib": fp32 / 2 ** 20, "subprocess_wall_s": time.perf_counter() - t0,
+                "score_s_per_layer": rec["score_s"] / n, "loadavg_before": load0, "loadavg_after": os.getloadavg()})
+    return rec
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
@@ -180,12 +240,18 @@ def main(argv=None) -> None:
                     help="pack the plans of an earlier run (--layers) and check their size; no re-scoring")
     ap.add_argument("--apply-whole", action="store_true",
                     help="with --apply / --apply-only: also time `bitplan apply --no-stream` (whole model in memory)")
+    ap.add_argument("--baseline", type=int, nargs="*", default=[],
+                    help="depths to also plan with the whole-model path (--method hessian, the default before "
+                         "streaming), each right after the streamed run: results key hessian_N")
+    ap.add_argument("--one-b", action="store_true", help=f"also the ≈1 B-parameter model ({LAYERS_1B} layers of "
+                    "TinyLlama-1.1B's shape): results key 1b (packed too when --apply is given)")
     ap.add_argument("--worker", nargs=2, metavar=("DIR", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker-method", default="block", help=argparse.SUPPRESS)
     ap.add_argument("--apply-worker", nargs=5, metavar=("DIR", "PLAN", "PACKED", "OUT", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--check-size", nargs=2, metavar=("PACKED", "PREDICTED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        return worker(*args.worker)
+        return worker(*args.worker, method=args.worker_method)
     if args.apply_worker:
         return apply_worker(*args.apply_worker[:4], stream=args.apply_worker[4] == "stream")
     if args.check_size:
@@ -203,32 +269,26 @@ def main(argv=None) -> None:
             print(json.dumps(rows[str(n)]), flush=True)
             continue
         path = build(n)
-        fp32 = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
         out = os.path.join(OUT, f"run_{n}L.json")
-        load0 = os.getloadavg()
-        t0 = time.perf_counter()
-        try:
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", path, out],
-                               timeout=args.timeout, capture_output=True, text=True)
-        except subprocess.TimeoutExpired:
-            rows[str(n)] = {"timed_out_after_s": args.timeout}
-            if os.path.exists(out + ".progress"):
-                with open(out + ".progress", encoding="utf-8") as f:
-                    rows[str(n)].update(json.load(f))
-            print(f"{n} layers: timed out after {args.timeout} s", flush=True)
-            continue
-        if p.returncode != 0:
-            rows[str(n)] = {"error": p.stderr[-2000:]}
-            print(p.stderr[-2000:], flush=True)
-            continue
-        with open(out, encoding="utf-8") as f:
-            rec = json.load(f)
-        rec.update({"layers": n, "fp32_weights_mib": fp32 / 2 ** 20, "subprocess_wall_s": time.perf_counter() - t0,
-                    "score_s_per_layer": rec["score_s"] / n, "loadavg_before": load0, "loadavg_after": os.getloadavg()})
-        if n in args.apply:
+        rec = run_one(path, out, n, "block", args.timeout)
+        if n in args.apply and "score_s" in rec:
             rec.update(pack_and_check(path, out, n, args.timeout, rec["predicted_size_bytes"], args.apply_whole))
         rows[str(n)] = rec
-        print(json.dumps(rec), flush=True)
+        print(str(n), json.dumps(rec), flush=True)
+        if n in args.baseline:              # right after, on the same folder: the ratio under the same load
+            rows[f"hessian_{n}"] = run_one(path, os.path.join(OUT, f"run_hessian_{n}L.json"), n, "hessian", args.timeout)
+            print(f"hessian_{n}", json.dumps(rows[f"hessian_{n}"]), flush=True)
+    if args.one_b:
+        path = build(LAYERS_1B, big=True)
+        out = os.path.join(OUT, "run_1b.json")
+        rec = {**run_one(path, out, LAYERS_1B, "block", args.timeout), "shape": SHAPE_1B}
+        if args.apply and "score_s" in rec:
+            rec.update(pack_and_check(path, out, "1b", args.timeout, rec["predicted_size_bytes"], args.apply_whole))
+        rows["1b"] = rec
+        print("1b", json.dumps(rec), flush=True)
+    for n in sorted(set(args.baseline) - set(args.layers)):
+        rows[f"hessian_{n}"] = run_one(build(n), os.path.join(OUT, f"run_hessian_{n}L.json"), n, "hessian", args.timeout)
+        print(f"hessian_{n}", json.dumps(rows[f"hessian_{n}"]), flush=True)
     record = {**provenance(), "what": "bitplan plan --method block --avg-bits 4 on random Llama folders "
               "(random weights: cost only, not quality)", "shape": SHAPE, "baseline_whole_model": BASELINE,
               "cpu_count": os.cpu_count(), "results": rows}

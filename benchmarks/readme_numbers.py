@@ -164,15 +164,20 @@ def distributed(d=None) -> str:
     """1 process vs 2 processes scoring MiniLM: speed-ups and identical results."""
     d = d or _load("distributed_scoring.json")
     st = d["settings"]
+    loads = [x["load_before"] for m in d["methods"].values() for x in m["runs"]]
+    llm = f"; block: {os.path.basename(st['llm'].rstrip('/'))} (llm_scale.py's random Llama), default calibration" \
+        if st.get("llm") and "block" in d["methods"] else ""
     out = [f"From {_commit(d)}; MiniLM, bits {st['bits']} per channel, {st['calib_batches']} calibration batch, "
-           f"hessian ≤ {st['max_probes']} probes, 1 thread per process, {st['rounds']} interleaved rounds, load "
-           f"average {_load_avg(d.get('load_average_end'))} on 2 cores (under load).", "",
-           "| estimator | scoring s 1p → 2p (median) | speed-up | whole command speed-up | identical tables / plans |",
+           f"hessian ≤ {st['max_probes']} probes{llm}; 1 thread per process, {st['rounds']} interleaved rounds, "
+           f"1-min load {min(loads):.1f}–{max(loads):.1f} before the runs, on 2 cores.", "",
+           "| estimator | scoring s 1p → 2p (median) | speed-up | whole command speed-up | same table / plan as 1p |",
            "|---|---|---|---|---|"]
     for name, m in d["methods"].items():
         sc = m["median"]["score_s"]
+        same = "yes" if m["identical_tables"] else (
+            f"to {m['max_rel_diff']:.0e} (float order)" if name == "block" and m.get("max_rel_diff", 1) < 1e-4 else "NO")
         out.append(f"| {name} | {sc['1p']:.1f} → {sc['2p']:.1f} | {m['speedup_scoring']:.2f}× | {m['speedup_wall']:.2f}× | "
-                   f"{'yes' if m['identical_tables'] else 'NO'} / {'yes' if m['identical_plans'] else 'NO'} |")
+                   f"{same} / {'yes' if m['identical_plans'] else 'NO'} |")
     return "\n".join(out) + "\n"
 
 
@@ -203,30 +208,48 @@ def decoupled(d=None) -> str:
 
 
 def llm_scale(d=None) -> str:
-    """Peak memory and time of streamed scoring vs depth (random Llama folders)."""
+    """Peak memory and time of streamed scoring and packing vs depth (random Llama folders), and the
+    whole-model path measured right after on the same folders."""
     d = d or _load("llm_scale.json")
-    base = d.get("baseline_whole_model", {})
-    sh = d["shape"]
-    runs = [_commit(d)] + [f"`{r['command']}` at commit {r['commit']['sha'][:10]}" for r in d.get("earlier_runs", [])]
-    out = [f"{d['what']}; hidden {sh['hidden_size']}, intermediate {sh['intermediate_size']}, GQA "
-           f"{sh['num_attention_heads']}/{sh['num_key_value_heads']}, 2 shared cores at load ~10. From " + "; ".join(runs) + ".", "",
-           "| layers | fp32 weights | peak RSS | scoring | s / layer | whole-model path before (peak RSS, s) |",
-           "|---|---|---|---|---|---|"]
-    for n, r in sorted(d["results"].items(), key=lambda kv: int(kv[0])):
-        b = base.get(str(n))
-        out.append(f"| {n} | {r['fp32_weights_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB | {r['score_s']:.0f} s"
-                   + (f" ({r['cpu_s']:.0f} CPU s)" if r.get("cpu_s") else "") + f" | {r['score_s_per_layer']:.0f} | "
-                   + (f"{b['peak_rss_mib']:,} MiB, {b['seconds']} s" if b else "—") + " |")
-    exact = [n for n, r in d["results"].items() if r.get("size_exact")]
-    if exact:
-        r = d["results"][exact[0]]
-        out += ["", f"The {exact[0]}-layer plan packs to exactly its predicted {r['packed_model_bytes']:,} bytes."]
-    applied = [(n, r) for n, r in sorted(d["results"].items(), key=lambda kv: int(kv[0])) if r.get("apply_peak_rss_mib")]
-    if applied:                  # `bitplan apply` streamed (one shard per decoder block), its own process
-        out += ["", "`bitplan apply` (streamed) peak RSS: " + "; ".join(
-            f"{n} layers {r['apply_peak_rss_mib']:,.0f} MiB, {r['apply_shards']} shards, {r['apply_wall_s']:.0f} s"
-            + (f" (whole model, `--no-stream`: {r['apply_whole_peak_rss_mib']:,.0f} MiB)"
-               if r.get("apply_whole_peak_rss_mib") else "") for n, r in applied) + "."]
+    res = {k: r for k, r in d["results"].items() if r.get("method")}     # rows of the recorded run only
+    sh, big = d["shape"], res.get("1b", {}).get("shape")
+    loads = [x for r in res.values() for x in (r.get("loadavg_before", [None])[0], r.get("loadavg_after", [None])[0]) if x]
+    out = [f"{d['what']}. Hidden {sh['hidden_size']}, intermediate {sh['intermediate_size']}, GQA "
+           f"{sh['num_attention_heads']}/{sh['num_key_value_heads']} heads"
+           + (f"; ≈1 B: TinyLlama-1.1B's shape (hidden {big['hidden_size']}, intermediate {big['intermediate_size']}, "
+              f"GQA {big['num_attention_heads']}/{big['num_key_value_heads']})" if big else "")
+           + f"; 2 shared cores, 1-min load {min(loads):.1f}–{max(loads):.1f}. From {_commit(d)}.", "",
+           "| layers | parameters | fp32 weights | `plan` peak RSS | above the runtime¹ | goal² | scoring (CPU) | "
+           "s / layer | `apply` peak RSS | `apply` | packed bytes = predicted |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted((k for k in res if k.isdigit()), key=int) + (["1b"] if "1b" in res else [])
+    for k in keys:
+        r = res[k]
+        if "score_s" not in r:
+            out.append(f"| {r.get('layers', k)} | — | — | — | — | — | did not finish: "
+                       f"{'timed out' if 'timed_out_after_s' in r else 'error'} | — | — | — | — |")
+            continue
+        ap = (f"{r['apply_peak_rss_mib']:,.0f} MiB | {r['apply_wall_s']:.0f} s, {r['apply_shards']} shards | "
+              f"{'yes' if r.get('size_exact') else 'NO'} ({r['packed_model_bytes']:,} B)") \
+            if r.get("apply_peak_rss_mib") and r.get("apply_rc") == 0 else "— | — | —"
+        out.append(f"| {r['layers']}{' (≈1 B)' if k == '1b' else ''} | {r['fp32_weights_mib'] * 2 ** 20 / 4 / 1e6:,.0f} M | "
+                   f"{r['fp32_weights_mib']:,.0f} MiB | {r['peak_rss_mib']:,.0f} MiB | "
+                   f"{r['peak_rss_mib'] - r['rss_before_scoring_mib']:,.0f} MiB | {r['goal_mib']:,.0f} MiB | {r['score_s']:.0f} s "
+                   f"({r['cpu_s']:.0f} s) | {r['score_s_per_layer']:.1f} | {ap} |")
+    out += ["", "¹ peak RSS minus the RSS before scoring (Python, torch, transformers, the meta-device model and "
+            "the calibration batches). ² issue 12's goal: 2 × one decoder block's fp32 weights + the carried "
+            "calibration activations (a block's input and output, fp32) + every weight outside the blocks."]
+    base = [(k.split("_")[1], r) for k, r in res.items() if k.startswith("hessian_") and "score_s" in r]
+    if base:
+        out += ["", "The whole-model path (`--method hessian`, the default before streaming), run right after "
+                "the streamed run on the same folder: " + "; ".join(
+                    f"{n} layers: peak RSS {r['peak_rss_mib']:,.0f} MiB, scoring {r['score_s']:.0f} s "
+                    f"({r['cpu_s']:.0f} CPU s) — streamed {res[n]['score_s'] / r['score_s'] * 100:.0f} % of its time "
+                    f"({r['score_s'] / res[n]['score_s']:.1f}× faster), {res[n]['peak_rss_mib'] / r['peak_rss_mib'] * 100:.0f} % "
+                    "of its memory" for n, r in sorted(base, key=lambda t: int(t[0])) if n in res) + "."]
+    old = d.get("baseline_whole_model", {})
+    if old:
+        out += ["", "Issue 12's measurement of that path: " + "; ".join(
+            f"{n} layers {b['peak_rss_mib']:,} MiB, {b['seconds']} s" for n, b in sorted(old.items(), key=lambda t: int(t[0]))) + "."]
     return "\n".join(out) + "\n"
 
 
@@ -237,7 +260,9 @@ def validity(d=None, name: str = "sensitivity_validity_tinyllama.json") -> str:
            "| model | estimator | ρ calib | ρ held-out | ρ mixed plans | additivity err (fit) | wall s |",
            "|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
-        out.append(f"| {r['model']} | {r['method']} | {r['rho_calib']:.3f} | {r['rho_held']:.3f} | {r['rho_cfg']:.3f} | "
+        name, _, opts = r["method"].partition(":")
+        method = f"{name} ({opts.replace(',', ', ')})" if opts else name
+        out.append(f"| {r['model']} | {method} | {r['rho_calib']:.3f} | {r['rho_held']:.3f} | {r['rho_cfg']:.3f} | "
                    f"{r['rel_err_fit']:.3f} | {r['wall_s']:.1f} |")
     return "\n".join(out) + "\n"
 

@@ -142,7 +142,27 @@ def minilm_spec():
 
 
 SPECS = {"minilm": minilm_spec, "digits": digits_spec, "tinyllama": tinyllama_spec}
-STREAMED = {"tinyllama": ("block",)}      # estimators that only apply to HF causal-LM folders
+# estimators that only apply to HF causal-LM folders; "name:key=value" runs a variant with that setting
+STREAMED = {"tinyllama": ("block", "block:anchor_batches=2", "block:probes=0", "block:anchors=1,anchor_batches=2,probes=0", "block:measure=all")}
+
+
+def _variant(method: str) -> tuple[str, dict]:
+    """``"block:probes=0"`` -> ("block", {"probes": 0}) (int, float or str values)."""
+    name, _, rest = method.partition(":")
+    opts = {}
+    for kv in filter(None, rest.split(",")):
+        k, _, v = kv.partition("=")
+        for conv in (int, float, str):
+            try:
+                opts[k] = conv(v)
+                break
+            except ValueError:
+                continue
+    return name, opts
+
+
+def _table_path(model_name: str, method: str) -> str:
+    return os.path.join(OUT, f"sens_{model_name}_{method.replace(':', '_').replace('=', '').replace(',', '_')}.json")
 
 
 # ---------------------------------------------------------------- worker (one estimator, own process)
@@ -152,18 +172,19 @@ def worker(model_name: str, method: str, threads: int) -> None:
     model, calib, _, loss_fn, _ = SPECS[model_name]()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    t = score(model, calib, method=method, bits=BITS, loss_fn=loss_fn, seed=0)
+    name, opts = _variant(method)
+    t = score(model, calib, method=name, bits=BITS, loss_fn=loss_fn, seed=0, **opts)
     wall = time.perf_counter() - t0
     ru = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (ru.ru_utime + ru.ru_stime) - (ru0.ru_utime + ru0.ru_stime)    # CPU seconds, all threads
     t.meta.update({"bench_wall_s": wall, "bench_cpu_s": cpu, "bench_peak_rss_mib": ru.ru_maxrss / 1024,
                    "bench_rss_before_mib": ru0.ru_maxrss / 1024, "bench_threads": threads})
-    t.save(os.path.join(OUT, f"sens_{model_name}_{method}.json"))
+    t.save(_table_path(model_name, method))
 
 
 def table(model_name: str, method: str, threads: int, fresh: bool):
     from bitplan.sensitivity import load
-    path = os.path.join(OUT, f"sens_{model_name}_{method}.json")
+    path = _table_path(model_name, method)
     if fresh or not os.path.exists(path):
         os.makedirs(OUT, exist_ok=True)
         subprocess.run([sys.executable, __file__, "--worker", model_name, method, "--threads", str(threads)],

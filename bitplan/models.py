@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ModelSpec", "load_model", "sentences", "text", "SentenceEncoder", "minilm_dir",
-           "skeleton_from_config", "is_causal_lm_config", "lm_batches", "KINDS", "lazy_causal_lm"]
+           "skeleton_from_config", "is_causal_lm_config", "read_hf_config", "lm_batches", "KINDS", "lazy_causal_lm"]
 
 _DATA = os.path.join(os.path.dirname(__file__), "data")
 KINDS = ("encoder", "causal_lm", "custom")
@@ -115,12 +114,13 @@ def lm_batches(tokenizer, txt: str, seq_len: int = 128, samples: int = 32, batch
             for i in range(0, n, batch_size)]
 
 
-def _read_config(path: str) -> dict:
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}/config.json is not a readable JSON config ({e})") from None
+def read_hf_config(path: str) -> dict:
+    """``path/config.json`` as a dict, read with the strict JSON loader (a ValueError names the file).
+
+    Example: ``is_causal_lm_config(read_hf_config("llama_dir"))``
+    """
+    from .core.jsonio import read_json
+    cfg = read_json(os.path.join(path, "config.json"), "Hugging Face config", max_bytes=1 << 22)
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}/config.json must be a JSON object")
     return cfg
@@ -187,7 +187,7 @@ def lazy_causal_lm(path: str) -> nn.Module:
 
 def _load_hf(path: str, name: str, n_calib: int, batch_size: int, lm: dict) -> ModelSpec:
     _quiet_transformers()
-    cfg = _read_config(path)
+    cfg = read_hf_config(path)
     if is_causal_lm_config(cfg):
         from transformers import AutoModelForCausalLM
         if lm.get("lazy"):

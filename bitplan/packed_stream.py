@@ -41,14 +41,14 @@ def streamable(path) -> str | None:
 
     Example: ``streamable("path/to/llama")`` -> None; ``streamable("minilm")`` -> 'not a folder'
     """
-    from .models import _read_config, is_causal_lm_config
+    from .models import is_causal_lm_config, read_hf_config
     path = os.fspath(path)
     if not os.path.isdir(path):
         return "not a folder"
     if not os.path.isfile(os.path.join(path, "config.json")):
         return "no config.json (not a Hugging Face model folder)"
     try:
-        cfg = _read_config(path)
+        cfg = read_hf_config(path)
     except ValueError as e:
         return str(e)
     if not is_causal_lm_config(cfg):

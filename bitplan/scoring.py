@@ -80,8 +80,8 @@ def scored_table(model, calib_data, opts, graph, method: str = "hessian", loss_f
         log.info("scoring %s sensitivity (streamed): %d layers x %d options on %d calibration batches", method,
                  len(graph.names), len(opts.specs), len(batches))
         table = score(model, batches, method=method, loss_fn=loss_fn, seed=seed, options=opts.specs, graph=graph,
-                      **(sensitivity_opts or {}))
-        if cache is not None:
+                      timeout=timeout, checkpoint=checkpoint_path(cache, checkpoint), **(sensitivity_opts or {}))
+        if cache is not None and main:
             table.save(cache)
         return table
     log.info("scoring %s sensitivity: %d layers x %d options on %d calibration batches", method,

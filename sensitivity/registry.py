@@ -264,7 +264,8 @@ def score(model: torch.nn.Module, calib_data=None, method: str = "hessian", bits
     else:
         specs = list(option_grid(bits, group_size, act_bits, quant_method, symmetric))
     if method in STREAMING:     # the model stays on disk: only its folder is read, a block at a time
-        return ESTIMATORS[method](model, calib_data, specs, graph=graph, loss_fn=loss_fn, seed=seed, **opts)
+        return ESTIMATORS[method](model, calib_data, specs, graph=graph, loss_fn=loss_fn, seed=seed,
+                                  timeout=timeout, checkpoint=checkpoint, **opts)
     t0 = time.perf_counter()
     work = copy.deepcopy(model).eval()
     for p in work.parameters():

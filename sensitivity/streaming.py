@@ -16,27 +16,46 @@ is ≈ Σ_l α_l · (error of layer l), each layer's error entering additively. 
   residual stream after the block), on the carried fp inputs. It sees everything inside the block
   that a layer-output error misses: the softmax of attention, the SwiGLU gate, the norms.
   Measuring it for every option costs one block forward per (layer, option) (``measure="all"``).
-  The default ``measure="anchor"`` measures ONE option per layer (bits nearest 4) and carries it
-  to the others through the layer's exact output error ``e_l(b) = E‖ΔW_b x‖²`` (from the block's
-  input statistics ``Σ x xᵀ``): ``D_l(b) ≈ γ_l · e_l(b)``, ``γ_l = D_l(anchor) / e_l(anchor)`` —
-  HIGGS' linearity inside the block. Options with activation quantization are always measured.
+  The default ``measure="anchor"`` measures two options per layer (bits nearest 4, and the fewest
+  bits, where linearity is worst) and carries them to the others through the layer's exact output
+  error ``e_l(b) = E‖ΔW_b x‖²`` (from the block's input statistics): ``D_l(b) ≈ γ_l · e_l(b)``,
+  ``γ_l = D_l(anchor) / e_l(anchor)``, linear in bits between the two anchors — HIGGS' linearity
+  inside the block, corrected for where it bends. Only ratios of ``e`` matter, so for rounding errors independent
+  across input channels (rtn, clip) the diagonal ``E[x_k²]`` is enough and only it is collected;
+  methods that shape ΔW against the inputs (gptq, awq) get the exact ``tr(ΔW Σ ΔWᵀ)`` from the full
+  ``Σ x xᵀ``, collected only for blocks where such an option is allowed. Options with activation
+  quantization are always measured.
 - ``A``: the loss (KL of the next-token distribution to the fp one) per unit of squared
   perturbation of the final residual stream, measured at the end by adding isotropic noise to the
-  final hidden states and running the model's own head. The same ``A`` serves every block: in a
-  pre-norm decoder a perturbation of the residual stream is carried forward additively by the skip
-  connections (each later block reads a normalised stream and adds to it), so to first order it
-  reaches the head unchanged; blocks differ only by how far their layers move the stream, which
-  ``D`` measures. What this neglects — later blocks amplifying or damping a perturbation — is
-  what ``benchmarks/sensitivity_validity.py`` measures (Spearman ρ against whole-model Δloss).
+  final hidden states and running the model's own head.
+- ``G_k``: how much of a perturbation of block k's output reaches the final stream. In a pre-norm
+  decoder the skip connections carry it forward additively (to first order G = 1), but later blocks
+  amplify or damp it: noise added to the output of ``probes`` evenly spaced blocks (on
+  ``probe_batches`` batches) is carried with the fp states to the last block, and
+  ``G_k = ‖Δ final‖² / ‖noise‖²`` (log-linear between probed blocks, 1 at the last). So
+  ``loss[l, b] = A · G_k · D_l(b)``. What remains neglected — perturbations that are not isotropic,
+  non-additive interactions — is what ``benchmarks/sensitivity_validity.py`` measures (Spearman ρ
+  against whole-model Δloss, with and without the probes).
 - Embeddings: ``D`` is the move of block 0's OUTPUT with the table quantized (its input, the
   embedding output, is a small stream that trained models' first block normalises and amplifies:
   measured at the input, the embedding of the trained 4-block Llama of sensitivity_validity.py
-  scored ~1/100 of its measured Δloss and ρ was 0.90; at block 0's output ρ is 0.968).
-  lm_head: its KL is measured exactly on the final fp hidden states (one head forward per option).
-  A tied embedding/lm_head (one decision) gets both terms.
+  scored ~1/100 of its measured Δloss and ρ was 0.90; at block 0's output ρ is 0.968). Its ``e``
+  is exact and free: ``Σ_v count(v) ‖ΔE_v‖²`` over the calibration tokens' rows.
+- lm_head: its KL is measured on the final fp hidden states — at the anchor option, carried to the
+  others by its output error as above (``measure="all"``: every option). A tied embedding/lm_head
+  (one decision) gets both terms.
 
-Cost: one pass over the blocks; per block, ``1 + Σ_l (measured options)`` forwards of that block
-over the calibration tokens; peak memory = outer modules + one block + calibration activations.
+Cost: one pass over the blocks; per block one fp forward over the calibration tokens plus one
+forward over ``anchor_batches`` batches per layer and measured option, and one per live probe on
+``probe_batches``; then the head: references,
+``noise_draws`` noisy passes and one pass per measured lm_head option. Peak memory = outer modules
++ one block + calibration activations.
+
+In an initialised ``torch.distributed`` process group (call it on every rank) the calibration
+batches are sharded over the ranks (batch ``i`` on rank ``i % world``); each rank carries only its
+own hidden states, and every sum the table is made of (block errors and their token counts, input
+statistics, KL sums, embedding token counts) is all-reduced, so every rank gets the same table —
+the one a single process computes, up to floating-point summation order.
 
 Example:
     >>> t = score("path/to/llama", batches, method="block", bits=(2, 3, 4, 8))
@@ -44,6 +63,8 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import numpy as np
@@ -52,7 +73,7 @@ import torch
 from ..core.batches import as_batches, run_model
 from ..core.graph import LayerGraph, layer_weight_2d
 from ..kernels.actquant import fake_quantize_act
-from ..kernels.calibstats import StatsCollector
+from ..kernels.calibstats import StatsCollector, layer_input_2d
 from ..kernels.modules import fake_weight, needs_stats, option_mask
 from .hf_stream import StreamedLM, source_dir
 from .losses import kl_to_reference
@@ -68,10 +89,29 @@ def _sq(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).sum())
 
 
-def _anchor(specs, allowed_row) -> int:
-    """The allowed weight-only option with bits nearest 4 (ties: the first): where linearity is best."""
+def _ntok(x: torch.Tensor) -> int:
+    return x[..., 0].numel()
+
+
+def _anchors(specs, allowed_row, n: int) -> list[int]:
+    """Up to ``n`` measured weight-only options: the one with bits nearest 4 (ties: the first), where
+    linearity is best, then the one with the fewest bits, where it is worst."""
     cand = [j for j, s in enumerate(specs) if allowed_row[j] and s.act_bits is None]
-    return min(cand, key=lambda j: abs(specs[j].bits - 4)) if cand else -1
+    if not cand:
+        return []
+    out = [min(cand, key=lambda j: abs(specs[j].bits - 4))]
+    low = min(cand, key=lambda j: specs[j].bits)
+    if n > 1 and specs[low].bits < specs[out[0]].bits:
+        out.append(low)
+    return out
+
+
+def _measured(specs, allowed_row, measure: str, n_anchors: int) -> tuple[list[int], list[int]]:
+    """(anchors, options whose error is measured) of one layer: every allowed one for "all"; else the
+    anchors and the options with activation quantization (which no weight error predicts)."""
+    a = _anchors(specs, allowed_row, n_anchors)
+    ok = np.nonzero(allowed_row)[0]
+    return a, [int(j) for j in ok if measure == "all" or j in a or specs[j].act_bits is not None]
 
 
 def _run(model, batch):
@@ -81,153 +121,451 @@ def _run(model, batch):
     return run_model(model, batch)
 
 
-def _swap(module, w):
-    saved = module.weight.detach().clone()
+@contextlib.contextmanager
+def _perturbed(mod, w, act_bits):
+    """``mod`` with weight ``w`` (and its input fake-quantized to ``act_bits``) inside the context."""
+    saved = mod.weight.detach().clone()
+    hook = None
     with torch.no_grad():
-        module.weight.copy_(w)
-    return saved
+        mod.weight.copy_(w)
+    if act_bits is not None:
+        hook = mod.register_forward_pre_hook(
+            lambda m, args: (fake_quantize_act(args[0], act_bits),) + tuple(args[1:]))
+    try:
+        yield mod
+    finally:
+        if hook is not None:
+            hook.remove()
+        with torch.no_grad():
+            mod.weight.copy_(saved)
+
+
+class _Sum:
+    """Sums over this rank's batches made global: all-reduced over the process group, if any."""
+
+    def __init__(self, ranks):
+        self.ranks = ranks
+
+    def __call__(self, x, what: str):
+        """``x`` (float, numpy array or tensor) summed over the ranks; the same type back."""
+        if self.ranks is None:
+            return x
+        import torch.distributed as dist
+        t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float64))
+        self.ranks.sync(what)
+        try:
+            dist.all_reduce(t, group=self.ranks.group)
+        except RuntimeError as e:
+            raise RuntimeError(self.ranks._failure(str(e), what)) from None
+        if isinstance(x, torch.Tensor):
+            return t
+        return float(t) if np.ndim(x) == 0 else t.numpy()
+
+
+class _Diag:
+    """Forward pre-hooks summing ``x_k²`` per input channel (and counting tokens) of named layers:
+    what the output-error ratios of independent rounding errors need, at a fraction of ``Σ x xᵀ``."""
+
+    def __init__(self, modules: dict, kinds: dict):
+        self.sq = {}
+        self.n = {}
+        self._h = [m.register_forward_pre_hook(self._hook(n, m, kinds[n])) for n, m in modules.items()]
+
+    def _hook(self, name, mod, kind):
+        def fn(module, args):
+            x2 = layer_input_2d(mod, kind, args[0]).detach().float()
+            self.sq[name] = self.sq.get(name, 0) + x2.pow(2).sum(0)
+            self.n[name] = self.n.get(name, 0) + int(x2.shape[0])
+        return fn
+
+    def close(self):
+        for h in self._h:
+            h.remove()
+
+
+def _error(w2, wq2, st, diag, n, spec) -> float:
+    """Output error of ΔW = wq2 − w2 (both (N, K)): exact tr(ΔW Σ ΔWᵀ) when the method shapes ΔW
+    against the inputs and full stats are there, else Σ_k ‖ΔW_:k‖² E[x_k²]."""
+    dw = wq2.float() - w2
+    if needs_stats(spec) and st is not None:
+        return st.output_error(dw)
+    return float((dw.pow(2) * (diag / max(n, 1))).sum())
 
 
 @register("block", streaming=True)
 def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=None, seed: int = 0,
           measure: str = "anchor", noise_draws: int = 2, noise_rel: float = 0.03,
-          anchor_batches: int | None = 2) -> Sensitivity:
+          anchor_batches: int | None = 1, timeout: float | None = None, checkpoint=None,
+          checkpoint_every: float = 60.0, probes: int = 8, probe_batches: int = 1,
+          anchors: int = 2) -> Sensitivity:
     """Block-streaming table (L, B) for a causal-LM folder (see the module docstring).
 
     ``model``: the folder, or a model loaded from one (only its config's folder is used; its weights
-    are never read). ``measure``: "anchor" (one measured option per layer, default) or "all".
-    ``anchor_batches``: calibration batches the anchor's block error is measured on (γ is a ratio of
+    are never read). ``measure``: "anchor" (``anchors`` measured options per layer, default) or "all".
+    ``anchors``: measured options per layer (1: bits nearest 4; 2: also the fewest bits, γ linear in
+    bits between them). ``anchor_batches``: calibration batches the anchors' errors are measured on (γ is a ratio of
     two errors on the same tokens, so a few batches suffice; None = all); "all" uses every batch.
+    ``probes``: blocks (evenly spaced) whose output gets an isotropic noise probe carried to the end,
+    measuring how later blocks amplify or damp a perturbation of the stream there (``gain``; between
+    probes interpolated in log space; 0 = assume 1 everywhere), on ``probe_batches`` batches.
+    ``timeout``: seconds one rank may lag the others in a process group. ``checkpoint`` (a path):
+    after a block, at most every ``checkpoint_every`` seconds, the rows scored so far go to that
+    JSON file and each rank's carried hidden states to ``<checkpoint>.rank<r>.safetensors``; a rerun
+    with the same folder, batches and settings resumes at the next block (the same table as an
+    uninterrupted run); the files are removed when the table is complete.
 
     Example: ``score("llama_dir", batches, method="block", measure="all")``
     """
+    from .distributed import current
     t0 = time.perf_counter()
     if measure not in MEASURE:
         raise ValueError(f"measure={measure!r}; allowed: {list(MEASURE)}")
     if loss_fn not in (None, "kl") and getattr(loss_fn, "kind", None) != "kl":
         raise ValueError(f"sensitivity method 'block' predicts the label-free next-token KL; loss_fn={loss_fn!r} "
                          "is not supported (use loss_fn=None, or a whole-model method such as 'measured')")
+    if anchors not in (1, 2):
+        raise ValueError(f"anchors={anchors!r}; allowed: 1 (bits nearest 4) or 2 (also the fewest bits)")
+    if anchor_batches is not None and (isinstance(anchor_batches, bool) or not isinstance(anchor_batches, int)
+                                       or anchor_batches < 1):
+        raise ValueError(f"anchor_batches={anchor_batches!r} must be a positive int or None (all batches)")
     path = source_dir(model)
     batches = as_batches(calib_data)
+    ranks = current(timeout)
+    world, rank = (ranks.world, ranks.rank) if ranks else (1, 0)
+    allsum = _Sum(ranks)
+    if len(batches) < world:
+        raise ValueError(f"{len(batches)} calibration batch(es) for {world} ranks: method 'block' shards the "
+                         "batches over the ranks, each needs at least one (more --calib-samples, or fewer ranks)")
+    mine = list(range(rank, len(batches), world))          # global indices of this rank's batches
+    nb_anchor = len(batches) if measure == "all" or not anchor_batches else min(anchor_batches, len(batches))
     lm = StreamedLM(path)
     graph = graph or LayerGraph.build(lm.model)
     allowed = np.asarray(option_mask(graph.layers, specs)[0], dtype=bool)              # (L, B)
     L, B = allowed.shape
     D = np.zeros((L, B))        # mean per token ‖Δ stream‖² with only layer l at option b
-    head_kl = np.zeros((L, B))  # measured KL of the head (lm_head layers)
+    head_kl = np.zeros((L, B))  # KL of the head (lm_head layers)
     gamma = np.full(L, np.nan)
     row = {n: i for i, n in enumerate(graph.names)}
     fwd = 0
+    my_b = [batches[g] for g in mine]
+    sub = [k for k, g in enumerate(mine) if g < nb_anchor]   # this rank's anchor batches: a prefix of its own
+    pb = [k for k, g in enumerate(mine) if g < probe_batches]  # this rank's probe batches (global 0..)
+    n_blk = len(lm.block_names)
+    at = sorted({int(round(x)) for x in np.linspace(0, n_blk - 1, min(probes, n_blk))}) if probes > 0 else []
+    at = [k for k in at if k < n_blk - 1]                       # the last block's gain is 1: nothing follows
+    probe_x, probe_sq = {}, {}                                  # start block -> noisy states, Σ noise²
+
+    def mean_over(fn, idx, what):
+        """Σ fn(k) over local batches ``idx`` / their tokens, summed over the ranks."""
+        s = allsum(np.array([sum(fn(k) for k in idx), sum(_ntok(h[k]) for k in idx)]), what)
+        return float(s[0]) / max(float(s[1]), 1.0)
+
+    ck = _BlockCheckpoint(checkpoint, ranks, lm, graph, specs, batches, {
+        "seed": seed, "measure": measure, "noise_draws": noise_draws, "noise_rel": noise_rel,
+        "anchor_batches": anchor_batches, "probes": probes, "probe_batches": probe_batches,
+        "anchors": anchors}) \
+        if checkpoint is not None else None
+    start = 0
+    if ck is not None and ck.state:
+        start, fwd = ck.state["next_block"], ck.state["block_forwards"]
+        probe_sq = {int(k): v for k, v in ck.state["probe_sq"].items()}
+        D[:], gamma[:] = np.array(ck.state["D"]), np.array(ck.state["gamma"], dtype=float)
+        gamma[gamma < 0] = np.nan                  # saved as -1: no anchor (γ itself is >= 0)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         lm.load_outer()
-        h, kws = lm.block_inputs(batches, _run)
-        tokens = sum(x[..., 0].numel() for x in h)
         in_block = {lname: blk for blk in lm.block_names for lname in graph.names if lname.startswith(blk + ".")}
         outer = [l for l in graph.layers if l.name not in in_block]
-        # ---- embeddings: block 0's inputs with each option (their error is measured at block 0's output)
-        emb_in = {}
-        for l in outer:
-            if "embedding" not in l.kinds:
-                continue
+        emb_layers = [l for l in outer if "embedding" in l.kinds]
+        # ---- fp inputs of block 0 (this rank's batches), and how often each embedding row is read
+        counts, hooks = {}, []
+        for l in emb_layers:
+            mod = lm.model.get_submodule(l.name)
+            counts[l.name] = torch.zeros(mod.weight.shape[0], dtype=torch.float64)
+
+            def cnt(m, args, name=l.name):
+                counts[name] += torch.bincount(args[0].reshape(-1), minlength=counts[name].numel()).double()
+            hooks.append(mod.register_forward_pre_hook(cnt))
+        try:
+            h, kws = lm.block_inputs(my_b, _run)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        tokens = int(allsum(float(sum(_ntok(x) for x in h)), "counting calibration tokens"))
+        if start:                   # resumed: the carried hidden states entering block `start`
+            h, probe_x = ck.hidden(start, [x.shape for x in h], {k: [h[q].shape for q in pb] for k in probe_sq})
+            emb_layers = []         # their rows were scored at block 0
+        # ---- embeddings: exact row errors; block-0 inputs for the measured options
+        emb_e, emb_in = {}, {}
+        for l in emb_layers:
             i, mod = row[l.name], lm.model.get_submodule(l.name)
+            cnt = allsum(counts[l.name], f"embedding counts of {l.name}")
+            w = mod.weight.detach().float()
+            e = np.zeros(B)
+            a, todo = _measured(specs, allowed[i], measure, anchors)
             for j in np.nonzero(allowed[i])[0]:
-                saved = _swap(mod, fake_weight(mod, l.kind, specs[j]))
-                emb_in[i, j], _ = lm.block_inputs(batches[:anchor_batches or len(batches)], _run)
-                _swap(mod, saved)
+                wq = fake_weight(mod, l.kind, specs[j])
+                e[j] = float(((wq.float() - w).pow(2).sum(1).double() * cnt).sum() / max(float(cnt.sum()), 1.0))
+                if j in todo:
+                    with _perturbed(mod, wq, None):
+                        emb_in[i, j], _ = lm.block_inputs([my_b[k] for k in sub], _run)
+            emb_e[i] = (a, todo, e)
         # ---- decoder blocks, one at a time
         for k, bname in enumerate(lm.block_names):
+            if k < start:
+                continue
             names = [n for n in graph.names if in_block.get(n) == bname]
             with lm.materialised(bname) as blk:
                 mods = {n: lm.model.get_submodule(n) for n in names}
-                with StatsCollector(mods) as col:
-                    y = [lm.run_block(k, x, kw) for x, kw in zip(h, kws)]
+                kinds = {n: graph.layers[row[n]].kind for n in names}
+                full = [n for n in names if any(needs_stats(specs[j]) for j in np.nonzero(allowed[row[n]])[0])]
+                diag = _Diag(mods, kinds)
+                try:
+                    with StatsCollector({n: mods[n] for n in full}) if full else contextlib.nullcontext() as col:
+                        y = [lm.run_block(k, x, kw) for x, kw in zip(h, kws)]
+                finally:
+                    diag.close()
                 fwd += 1
-                for (i, j), hq in (emb_in.items() if k == 0 else ()):
-                    # where block 0 has amplified it: the embedding output is a small stream that the
-                    # first block normalises and writes a much larger one from (trained models)
-                    ntok = sum(x[..., 0].numel() for x in hq)
-                    D[i, j] = sum(_sq(lm.run_block(0, x, kw), yy) for x, kw, yy in zip(hq, kws, y)) / ntok
-                    fwd += 1
-                emb_in = {}
+                stats = {}
+                for n in names:                           # global input statistics of this block's layers
+                    sq = allsum(diag.sq.get(n, torch.zeros(1)), f"input statistics of {n}")
+                    cnt = int(allsum(float(diag.n.get(n, 0)), f"input statistics of {n}"))
+                    st = None
+                    if n in full:
+                        st = col.stats[n]
+                        st.xtx = allsum(st.xtx, f"input statistics of {n}")
+                        st.abs_sum = allsum(st.abs_sum, f"input statistics of {n}")
+                        st.n_tokens = cnt
+                    stats[n] = (sq, cnt, st)
+                if k == 0:
+                    # embeddings, where block 0 has amplified them: the embedding output is a small
+                    # stream that the first block normalises and writes a much larger one from
+                    for (i, j), hq in emb_in.items():
+                        D[i, j] = mean_over(lambda q: _sq(lm.run_block(0, hq[q], kws[q]), y[q]), sub,
+                                            f"embedding error of {graph.names[i]}")   # hq[q]: sub is a prefix
+                        fwd += 1
+                    for i, (a, todo, e) in emb_e.items():
+                        _carry(D, gamma, i, a, todo, e, allowed[i], specs)
+                    emb_in = {}
                 for n in names:
                     i, mod, info = row[n], mods[n], graph.layers[row[n]]
-                    st = col.stats[n]
+                    sq, cnt, st = stats[n]
                     w2 = layer_weight_2d(mod, info.kind).detach().float()
+                    a, todo = _measured(specs, allowed[i], measure, anchors)
                     e = np.zeros(B)
-                    dcols = st.xtx.diagonal() / max(st.n_tokens, 1)                    # (K,) E[x_k²]
                     for j in np.nonzero(allowed[i])[0]:
                         wq = fake_weight(mod, info.kind, specs[j], st)
-                        dw = layer_weight_2d(_Tmp(wq), info.kind).float() - w2                # (N, K)
-                        # only ratios e(b)/e(anchor) matter: the diagonal of Σ is enough for rounding
-                        # errors that are independent across input channels (rtn, clip); methods that
-                        # shape ΔW against Σ (gptq, awq) get the exact tr(ΔW Σ ΔWᵀ)
-                        e[j] = st.output_error(dw) if needs_stats(specs[j]) else float((dw.pow(2) * dcols).sum())
-                    a = _anchor(specs, allowed[i])
-                    todo = [j for j in np.nonzero(allowed[i])[0]
-                            if measure == "all" or j == a or specs[j].act_bits is not None]
-                    for j in todo:
-                        saved = _swap(mod, fake_weight(mod, info.kind, specs[j], st))
-                        hook = None
-                        if specs[j].act_bits is not None:
-                            bits = specs[j].act_bits
-                            hook = mod.register_forward_pre_hook(
-                                lambda m, args, b=bits: (fake_quantize_act(args[0], b),) + tuple(args[1:]))
-                        nb = len(h) if (measure == "all" or j != a or not anchor_batches) else min(anchor_batches, len(h))
-                        ntok = sum(x[..., 0].numel() for x in h[:nb])
-                        try:
-                            D[i, j] = sum(_sq(lm.run_block(k, x, kw), yy)
-                                          for x, kw, yy in zip(h[:nb], kws[:nb], y[:nb])) / ntok
-                        finally:
-                            if hook is not None:
-                                hook.remove()
-                            _swap(mod, saved)
+                        e[j] = _error(w2, layer_weight_2d(_Tmp(wq), info.kind), st, sq, cnt, specs[j])
+                        if j not in todo:
+                            continue
+                        idx = range(len(h)) if (measure == "all" or j not in a) else sub
+                        with _perturbed(mod, wq, specs[j].act_bits):
+                            D[i, j] = mean_over(lambda q: _sq(lm.run_block(k, h[q], kws[q]), y[q]), idx,
+                                                f"block error of {n}")
                         fwd += 1
-                    if a >= 0:
-                        gamma[i] = D[i, a] / e[a] if e[a] > 0 else 0.0
-                        for j in np.nonzero(allowed[i])[0]:
-                            if j not in todo:
-                                D[i, j] = gamma[i] * e[j]
+                    _carry(D, gamma, i, a, todo, e, allowed[i], specs)
+                for k0, xs in probe_x.items():        # the probes started before: on through this block
+                    probe_x[k0] = [lm.run_block(k, x, kws[q]) for q, x in zip(pb, xs)]
+                    fwd += 1
+                if k in at:                           # a new probe: noise on this block's output
+                    probe_sq[k], probe_x[k] = 0.0, []
+                    for q in pb:
+                        gen = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (k + 1) + mine[q])
+                        eps = torch.randn(y[q].shape, generator=gen, dtype=y[q].dtype) * (
+                            noise_rel * float(y[q].float().pow(2).mean().sqrt()))
+                        probe_x[k].append(y[q] + eps)
+                        probe_sq[k] += float(eps.pow(2).sum())
                 del blk
             h = y
-        # ---- the head: reference output, A from isotropic noise, lm_head options measured
+            if ck is not None and k + 1 < len(lm.block_names) and ck.due(checkpoint_every):
+                ck.save(k + 1, h, D, gamma, fwd, probe_x, probe_sq)
+        # ---- the head: reference output, A from isotropic noise, lm_head options
+        heads = [l for l in outer if not all(kd == "embedding" for kd in l.kinds)]
         with lm.head_only() as set_final:
             def logits(x, b):
                 set_final(x)
                 out = _run(lm.model, b)
                 return out["logits"] if isinstance(out, dict) else out.logits
-            refs = [logits(x, b) for x, b in zip(h, batches)]
-            gen = torch.Generator().manual_seed(seed)
+            head_mods = {l.name: next(lm.model.get_submodule(m) for m, kd in zip(l.modules, l.kinds)
+                                      if kd != "embedding") for l in heads}
+            head_kind = {l.name: l.kind if l.kind != "embedding" else "linear" for l in heads}
+            full = [n for n in head_mods if any(needs_stats(specs[j]) for j in np.nonzero(allowed[row[n]])[0])]
+            diag = _Diag(head_mods, head_kind) if head_mods else None
+            try:
+                with StatsCollector({n: head_mods[n] for n in full}) if full else contextlib.nullcontext() as col:
+                    refs = [logits(x, b) for x, b in zip(h, my_b)]
+            finally:
+                if diag is not None:
+                    diag.close()
             ratios = []
-            for _ in range(noise_draws):
+            for d in range(noise_draws):
                 kl, s = 0.0, 0.0
-                for x, b, r in zip(h, batches, refs):
+                for x, b, r, g in zip(h, my_b, refs, mine):
+                    # one generator per (draw, batch): the noise does not depend on which rank holds it
+                    gen = torch.Generator().manual_seed(seed * 1_000_003 + d * 65_537 + g)
                     sigma = noise_rel * float(x.float().pow(2).mean().sqrt())
                     eps = torch.randn(x.shape, generator=gen, dtype=x.dtype) * sigma
-                    kl += float(kl_to_reference(logits(x + eps, b), r)) * x[..., 0].numel()
+                    kl += float(kl_to_reference(logits(x + eps, b), r)) * _ntok(x)
                     s += float(eps.pow(2).sum())
-                ratios.append(kl / max(s, 1e-30))
+                kl, s = allsum(np.array([kl, s]), "head noise")
+                ratios.append(float(kl) / max(float(s), 1e-30))
             alpha = float(np.mean(ratios))
-            for l in outer:
-                if all(kd == "embedding" for kd in l.kinds):
-                    continue
-                i = row[l.name]
-                mod = next(lm.model.get_submodule(m) for m, kd in zip(l.modules, l.kinds) if kd != "embedding")
+            for l in heads:
+                i, mod = row[l.name], head_mods[l.name]
+                sq = allsum(diag.sq[l.name], f"input statistics of {l.name}")
+                cnt = int(allsum(float(diag.n[l.name]), f"input statistics of {l.name}"))
+                st = None
+                if l.name in full:
+                    st = col.stats[l.name]
+                    st.xtx = allsum(st.xtx, f"input statistics of {l.name}")
+                    st.abs_sum = allsum(st.abs_sum, f"input statistics of {l.name}")
+                    st.n_tokens = cnt
+                w2 = layer_weight_2d(mod, head_kind[l.name]).detach().float()
+                a, todo = _measured(specs, allowed[i], measure, anchors)
+                e, kl = np.zeros(B), np.zeros(B)
                 for j in np.nonzero(allowed[i])[0]:
-                    saved = _swap(mod, fake_weight(mod, l.kind if l.kind != "embedding" else "linear", specs[j]))
-                    head_kl[i, j] = sum(float(kl_to_reference(logits(x, b), r)) * x[..., 0].numel()
-                                        for x, b, r in zip(h, batches, refs)) / tokens
-                    _swap(mod, saved)
-    loss = np.where(allowed, alpha * D + head_kl, 0.0)
-    meta = {"alpha": alpha, "alpha_draws": ratios, "gamma": np.nan_to_num(gamma).tolist(), "block_sq_err": D,
-            "head_kl": head_kl, "measure": measure, "anchor_batches": anchor_batches, "block_forwards": fwd, "blocks": len(lm.block_names),
-            "peak_block_params": lm.peak_block_params,
+                    wq = fake_weight(mod, head_kind[l.name], specs[j], st)
+                    e[j] = _error(w2, layer_weight_2d(_Tmp(wq), head_kind[l.name]), st, sq, cnt, specs[j])
+                    if j not in todo:
+                        continue
+                    idx = range(len(h)) if (measure == "all" or j not in a) else sub
+                    with _perturbed(mod, wq, specs[j].act_bits):
+                        kl[j] = mean_over(lambda q: float(kl_to_reference(logits(h[q], my_b[q]), refs[q])) * _ntok(h[q]),
+                                          idx, f"head KL of {l.name}")
+                g = np.full(L, np.nan)
+                _carry(kl[None, :], g[:1], 0, a, todo, e, allowed[i], specs)
+                head_kl[i] = kl
+    # ---- gains: how much of a perturbation of block k's output reaches the final stream
+    pts = {k0: allsum(np.array([sum(_sq(x, h[q]) for q, x in zip(pb, xs)), probe_sq[k0]]), "probe gains")
+           for k0, xs in probe_x.items()}
+    pts = {k0: float(v[0]) / max(float(v[1]), 1e-30) for k0, v in pts.items()}
+    gain = _gains(pts, n_blk)
+    blk_of = np.array([lm.block_names.index(in_block[n]) if n in in_block else 0 for n in graph.names])
+    row_gain = np.where([l.name in in_block or "embedding" in l.kinds for l in graph.layers], gain[blk_of], 1.0)
+    loss = np.where(allowed, alpha * D * row_gain[:, None] + head_kl, 0.0)
+    meta = {"alpha": alpha, "alpha_draws": ratios, "block_gain": gain.tolist(), "probe_blocks": sorted(pts), "gamma": np.nan_to_num(gamma).tolist(), "block_sq_err": D,
+            "head_kl": head_kl, "measure": measure, "anchors": anchors, "anchor_batches": anchor_batches, "block_forwards": fwd,
+            "blocks": len(lm.block_names), "peak_block_params": lm.peak_block_params,
             "block_params": max(sum(p.numel() for p in b.parameters()) for b in lm.blocks),
             "bytes_read": lm.shards.bytes_read, "tokens": tokens, "source": path,
             "seconds": time.perf_counter() - t0, "loss": "label-free kl to the fp model's output (block-local)",
             "batches": len(batches)}
+    if ranks is not None:
+        meta["world_size"] = world
+    if ck is not None:
+        meta["resumed"] = start             # blocks read back from the checkpoint
+        ck.finish()
     return Sensitivity(graph.names, tuple(specs), np.maximum(loss, 0.0), "block", allowed,
                        graph.fingerprint, meta)
+
+
+def folder_digest(shards, batches) -> str:
+    """blake2b of the safetensors files' names, sizes and headers, the first and last MiB of each file,
+    and the calibration batches: a cheap guard against resuming on other weights or data (it reads
+    ~2 MiB a shard, not the model; a change that keeps every shard's size, header and ends escapes it)."""
+    import hashlib
+
+    from .checkpoint import content_digest
+    h = hashlib.blake2b(digest_size=16)
+    for f in sorted(set(shards.where.values())):
+        size = os.path.getsize(f)
+        h.update(f"{os.path.basename(f)}:{size}".encode())
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 1 << 26)))                 # the JSON header: names, dtypes, offsets
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read())
+    h.update(content_digest(torch.nn.Module(), batches).encode())
+    return h.hexdigest()
+
+
+class _BlockCheckpoint:
+    """The partially scored rows (JSON, rank 0) and each rank's carried hidden states (safetensors)."""
+
+    def __init__(self, path, ranks, lm, graph, specs, batches, settings: dict):
+        from .checkpoint import Checkpoint
+        from .table import _jsonable
+        run = {"method": "block", "names": graph.names, "options": [s.to_dict() for s in specs],
+               "model_fingerprint": graph.fingerprint, "content": folder_digest(lm.shards, batches),
+               "settings": _jsonable({**settings, "batches": len(batches),
+                                      "world_size": ranks.world if ranks else 1})}
+        self.ranks, self.rank = ranks, ranks.rank if ranks else 0
+        self.ck = Checkpoint(path, run, ranks)
+        self.state = self.ck.resume()
+        self.file = f"{os.fspath(path)}.rank{self.rank}.safetensors"
+        self.last = time.perf_counter()
+
+    def due(self, every: float) -> bool:
+        """Time for a save? (the same answer on every rank: rank 0's clock decides)"""
+        ok = time.perf_counter() - self.last >= every
+        return self.ranks.broadcast(ok, "checkpoint timer") if self.ranks else ok
+
+    def save(self, next_block: int, h, D, gamma, fwd, probe_x: dict, probe_sq: dict) -> None:
+        from safetensors.torch import save_file
+        tmp = self.file + ".tmp"
+        t = {f"h{q}": x.contiguous() for q, x in enumerate(h)}
+        t.update({f"p{k}_{q}": x.contiguous() for k, xs in probe_x.items() for q, x in enumerate(xs)})
+        save_file(t, tmp, metadata={"next_block": str(next_block)})
+        os.replace(tmp, self.file)                  # every rank's states first, then the JSON that points to them
+        if self.ranks:
+            self.ranks.sync("writing the checkpoint")
+        self.ck.state.update({"D": D.tolist(), "gamma": np.nan_to_num(gamma, nan=-1.0).tolist(),
+                              "block_forwards": fwd, "probe_sq": {str(k): v for k, v in probe_sq.items()}})
+        self.ck.put("next_block", next_block)           # writes the whole state (rank 0)
+        self.last = time.perf_counter()
+
+    def hidden(self, block: int, shapes, probe_shapes: dict) -> tuple[list, dict]:
+        """This rank's saved hidden states entering ``block`` and its probes' noisy states
+        ({start block: [states]}); ValueError if they do not fit."""
+        from safetensors import safe_open
+        where = f"checkpoint {self.file}"
+        if not os.path.isfile(self.file) or os.path.islink(self.file):
+            raise ValueError(f"{where} is missing; delete {self.ck.path} to start over")
+        try:
+            with safe_open(self.file, "pt") as f:
+                meta = f.metadata() or {}
+                h = [f.get_tensor(f"h{q}") for q in range(len(shapes))]
+                px = {k: [f.get_tensor(f"p{k}_{q}") for q in range(len(ps))] for k, ps in probe_shapes.items()}
+        except Exception as e:          # safetensors raises its own errors on corrupt files
+            raise ValueError(f"{where} does not read ({type(e).__name__}: {str(e)[:200]}); delete "
+                             f"{self.ck.path} to start over") from None
+        if meta.get("next_block") != str(block) or [tuple(x.shape) for x in h] != [tuple(s) for s in shapes]:
+            raise ValueError(f"{where} holds hidden states for block {meta.get('next_block')!r} of shapes "
+                             f"{[tuple(x.shape) for x in h][:2]}..., not block {block} of {[tuple(s) for s in shapes][:2]}...; "
+                             f"delete {self.ck.path} to start over")
+        if any([tuple(x.shape) for x in px[k]] != [tuple(s) for s in ps] for k, ps in probe_shapes.items()):
+            raise ValueError(f"{where}: its noise probes do not fit the calibration batches; delete "
+                             f"{self.ck.path} to start over")
+        return h, px
+
+    def finish(self) -> None:
+        if self.ranks:
+            self.ranks.sync("removing the checkpoint")
+        self.ck.finish()
+        if os.path.exists(self.file):
+            os.remove(self.file)
+
+
+def _gains(points: dict, n: int) -> np.ndarray:
+    """(n,) gain per block from the probed ones (the last block's is 1), log-linear in between."""
+    pts = {**{k: max(v, 1e-12) for k, v in points.items()}, n - 1: 1.0}
+    ks = sorted(pts)
+    return np.exp(np.interp(np.arange(n), ks, np.log([pts[k] for k in ks])))
+
+
+def _carry(D, gamma, i, anchors, todo, e, allowed_row, specs) -> None:
+    """Options of row ``i`` not measured get ``γ(bits) · e`` (in place): ``γ = D[i, a] / e[a]`` at each
+    anchor ``a``, linear in bits between two anchors, the nearest one's outside; ``gamma[i]`` keeps the
+    first anchor's."""
+    if not anchors:
+        return
+    g = {specs[a].bits: (D[i, a] / e[a] if e[a] > 0 else 0.0) for a in reversed(anchors)}
+    gamma[i] = D[i, anchors[0]] / e[anchors[0]] if e[anchors[0]] > 0 else 0.0
+    xs = sorted(g)
+    for j in np.nonzero(allowed_row)[0]:
+        if j not in todo:
+            D[i, j] = float(np.interp(specs[j].bits, xs, [g[x] for x in xs])) * e[j]
 
 
 class _Tmp:

@@ -180,8 +180,9 @@ def quant_args(p):
 
 
 def score_args(p):
-    p.add_argument("--sensitivity", "--method", dest="sensitivity", default="hessian", metavar="NAME",
-                   help="sensitivity estimator: hessian (default, HAWQ-V3 Hutchinson traces), fisher, "
+    p.add_argument("--sensitivity", "--method", dest="sensitivity", default="auto", metavar="NAME",
+                   help="sensitivity estimator: auto (default: block for a causal-LM folder with safetensors "
+                        "weights and --loss kl, else hessian), hessian (HAWQ-V3 Hutchinson traces), fisher, "
                         "measured, decoupled (MixDQ: output fidelity vs similarity-structure metrics, layer "
                         "groups for plan --group-budgets), lim, zd, block (causal-LM folders: streamed one decoder "
                         "block at a time, memory flat in depth) ... (an unknown name lists the installed ones)")

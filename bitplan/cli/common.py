@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 __all__ = ["load", "need_calib", "check_names", "probe_opts", "resolve_args_options", "loss_for", "log",
@@ -45,11 +46,38 @@ def probe_opts(max_probes):
     return {"max_probes": max_probes, **({"min_probes": max(2, max_probes)} if max_probes < 8 else {})}
 
 
+def auto_sensitivity(args) -> str:
+    """``--sensitivity auto``: ``block`` (streamed one decoder block at a time, memory flat in depth)
+    for a Hugging Face causal-LM folder with safetensors weights scored on the label-free KL with no
+    ``--refine``; ``hessian`` otherwise. Says which, and why."""
+    from ..models import is_causal_lm_config, read_hf_config
+    path = args.model
+    lm = False
+    if isinstance(path, str) and os.path.isfile(os.path.join(path, "config.json")):
+        try:
+            lm = is_causal_lm_config(read_hf_config(path))
+        except ValueError:
+            lm = False                     # load() names what is wrong with the folder
+    has_st = lm and any(os.path.isfile(os.path.join(path, f))
+                        for f in ("model.safetensors", "model.safetensors.index.json"))
+    why = ("a causal-LM folder with safetensors weights: scored a decoder block at a time" if has_st else
+           "not a causal-LM folder with safetensors weights" if not lm else "")
+    if has_st and getattr(args, "loss", "kl") != "kl":
+        has_st, why = False, f"--loss {args.loss} (block predicts the label-free KL)"
+    if has_st and getattr(args, "refine", None) is not None:
+        has_st, why = False, "--refine needs the whole model loaded"
+    name = "block" if has_st else "hessian"
+    log.info("--sensitivity auto: %s (%s)", name, why)
+    return name
+
+
 def check_names(args) -> dict:
     """Fail fast (before loading or scoring) on unknown estimator / solver / method names."""
     from ..allocator import available
     from ..kernels.modules import METHODS
     from ..sensitivity import ESTIMATORS
+    if args.sensitivity == "auto":
+        args.sensitivity = auto_sensitivity(args)
     if args.sensitivity not in ESTIMATORS:
         raise ValueError(f"--sensitivity {args.sensitivity!r} is not known; known: {sorted(ESTIMATORS)}")
     if args.solver not in available():
@@ -57,7 +85,13 @@ def check_names(args) -> dict:
     bad = [m for m in args.quant_method if m not in METHODS]
     if bad:
         raise ValueError(f"--quant-method {','.join(bad)} is not known; known: {list(METHODS)}")
-    return probe_opts(args.max_probes)
+    opts = probe_opts(args.max_probes)
+    import inspect
+    if opts and "max_probes" not in inspect.signature(ESTIMATORS[args.sensitivity]).parameters:
+        log.warning("--max-probes %d: the %s estimator draws no Hutchinson probes; ignored",
+                    args.max_probes, args.sensitivity)
+        return {}
+    return opts
 
 
 def resolve_args_options(args, graph):

@@ -24,8 +24,10 @@ def test_plan_apply_eval(qwen, tmp_path):
     from bitplan.costmodels import model_nbytes
     p = ok(run("plan", "--model", qwen, "--avg-bits", "4.5", "--max-probes", "4", "--calib-samples", "8",
                "--out", tmp_path / "plan.json"))
-    assert "causal_lm" in p.stderr
+    assert "causal_lm" in p.stderr and "--sensitivity auto: block" in p.stderr
+    assert "--max-probes 4: the block estimator draws no Hutchinson probes; ignored" in p.stderr
     plan = Plan.load(tmp_path / "plan.json")
+    assert plan.estimator["name"] == "block"                  # the default for a causal-LM folder: streamed
     assert "model.embed_tokens" in plan.layers and "lm_head" not in plan.layers       # tied: one decision
     assert plan.meta["aliases"] == {"model.embed_tokens": ["lm_head"]}
     assert plan.estimator["loss"].startswith("label-free kl")
@@ -55,7 +57,7 @@ def test_ce_loss_and_custom_text(qwen, tmp_path):
     ok(run("plan", "--model", qwen, "--avg-bits", "6", "--max-probes", "2", "--loss", "ce", "--calib-text", txt,
            "--seq-len", "32", "--calib-samples", "4", "--out", tmp_path / "ce.json"))
     plan = Plan.load(tmp_path / "ce.json")
-    assert plan.estimator["loss"] == "next_token_ce"
+    assert plan.estimator["loss"] == "next_token_ce" and plan.estimator["name"] == "hessian"   # auto: block needs kl
     p = run("plan", "--model", qwen, "--avg-bits", "6", "--calib-text", tmp_path / "nope.txt", "--out", tmp_path / "x.json")
     assert p.returncode == 2 and "--calib-text" in p.stderr
 

@@ -44,6 +44,19 @@ def failing_loss(rank: int, fail):
     return fn
 
 
+def lm_calib(folder):
+    """Calibration batches of a causal-LM folder: 12 windows x 32 tokens of the built-in text, 4 per batch."""
+    from bitplan.models import load_model
+    return load_model(folder, lazy=True, seq_len=32, calib_samples=12).calib_data
+
+
+def lm_options():
+    """rtn, gptq (full input statistics) and W8A8 (measured) options for the block estimator."""
+    from bitplan.core.spec import QuantSpec
+    return [QuantSpec(2, None), QuantSpec(4, None), QuantSpec(8, None), QuantSpec(4, 32, method="gptq"),
+            QuantSpec(8, None, act_bits=8)]
+
+
 def main(cfg_path):
     cfg = json.load(open(cfg_path))
     torch.set_num_threads(1)
@@ -60,6 +73,19 @@ def main(cfg_path):
                 plan = bitplan.allocate(mlp(), budget_mb=job["budget_mb"], calib_data=batches(), bits=BITS,
                                         group_size=None, sensitivity="measured", sensitivity_opts={"timeout": 60})
                 res["tables"][job["key"]] = {"layers": plan.to_dict()["layers"]}
+                continue
+            if job["method"] == "block":               # streamed causal-LM folder, batches sharded
+                fail = cfg.get("fail")
+                if fail and rank == fail["rank"]:          # this rank dies on entering block fail["block"]
+                    from bitplan.sensitivity import hf_stream
+                    real = hf_stream.StreamedLM.run_block
+                    hf_stream.StreamedLM.run_block = lambda self, i, h, kw: (
+                        os._exit(3) if i == fail["block"] else real(self, i, h, kw))
+                t = score(job["folder"], lm_calib(job["folder"]), method="block", options=lm_options(),
+                          timeout=cfg.get("timeout", 60), checkpoint=cfg.get("checkpoint"),
+                          **job.get("opts", {}))
+                res["tables"][job["key"]] = {"loss": t.loss.tolist(), "world_size": t.meta.get("world_size"),
+                                             "alpha": t.meta["alpha"], "resumed": t.meta.get("resumed")}
                 continue
             loss_fn = failing_loss(rank, cfg.get("fail")) if job.get("task_loss") else None
             t = score(mlp(), batches(), method=job["method"], bits=BITS, loss_fn=loss_fn, seed=job.get("seed", 0),

@@ -212,3 +212,47 @@ def test_torchrun_cli_plan_rank0_writes_the_one_process_table(tmp_path):
     finally:
         torch.set_num_threads(n)
     assert np.array_equal(t.loss, ref.loss)
+
+
+def test_block_streaming_on_two_ranks_and_a_killed_rank_resumed(tmp_path):
+    """method="block" on 2 ranks (3 calibration batches: 2 on rank 0, 1 on rank 1; the 2 anchor
+    batches on different ranks): both ranks get the same table, the one-process table up to float
+    summation order — with rtn, gptq (full input statistics all-reduced) and W8A8 (measured) options.
+    Then rank 1 dies entering block 1: rank 0 stops with an error naming rank 1; the checkpoint holds
+    block 0's rows and each rank's hidden states; the rerun on 2 ranks resumes at block 1 and gives
+    the uninterrupted 2-rank table, bit for bit."""
+    from dist_worker import lm_calib, lm_options
+    from tests.llm_fixtures import make_causal_lm_folder
+    folder = str(make_causal_lm_folder(tmp_path / "llama", "llama", layers=2))
+    jobs = [{"method": "block", "key": "block", "folder": folder, "opts": {"checkpoint_every": 0}},
+            {"method": "block", "key": "block_all", "folder": folder, "opts": {"measure": "all"}}]
+    (tmp_path / "full").mkdir()
+    full = _wait(_launch(tmp_path / "full", {"jobs": jobs}), tmp_path / "full", limit=150)
+    assert "error" not in full[0] and "error" not in full[1], full
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert len(lm_calib(folder)) == 3
+        for job in jobs:
+            opts = {k: v for k, v in job["opts"].items() if k != "checkpoint_every"}
+            ref = score(folder, lm_calib(folder), method="block", options=lm_options(), **opts)
+            a, b = (np.array(full[r]["tables"][job["key"]]["loss"]) for r in (0, 1))
+            assert np.array_equal(a, b) and full[0]["tables"][job["key"]]["world_size"] == 2
+            np.testing.assert_allclose(a, ref.loss, rtol=2e-4, atol=1e-9 * ref.loss.max())
+            assert ref.loss.max() > 0 and (ref.loss[ref.allowed] > 0).mean() > 0.9
+    finally:
+        torch.set_num_threads(n)
+    ck = tmp_path / "ck.json"
+    (tmp_path / "a").mkdir()
+    res = _wait(_launch(tmp_path / "a", {"jobs": jobs[:1], "checkpoint": str(ck), "timeout": 15,
+                                         "fail": {"rank": 1, "block": 1}}), tmp_path / "a", rank0_only=True, limit=150)
+    assert "rank 1 of 2" in res[0]["error"], res[0]
+    assert json.loads(ck.read_text())["state"]["next_block"] == 1
+    assert (tmp_path / "ck.json.rank0.safetensors").exists() and (tmp_path / "ck.json.rank1.safetensors").exists()
+    (tmp_path / "b").mkdir()
+    res = _wait(_launch(tmp_path / "b", {"jobs": jobs[:1], "checkpoint": str(ck)}), tmp_path / "b", limit=150)
+    for r in (0, 1):
+        assert "error" not in res[r], res[r]
+        got = res[r]["tables"]["block"]
+        assert got["resumed"] == 1 and got["loss"] == full[0]["tables"]["block"]["loss"]
+    assert not ck.exists() and not (tmp_path / "ck.json.rank1.safetensors").exists()

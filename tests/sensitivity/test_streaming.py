@@ -142,3 +142,92 @@ def test_a_shard_index_never_points_outside_its_folder(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
     with pytest.raises(ValueError, match="weight_map"):
         Shards(str(tmp_path))
+
+
+def test_checkpoint_resumes_at_the_next_block_to_the_same_table(llama3, tmp_path, monkeypatch):
+    """A run that dies in block 2 leaves the rows of blocks 0-1 and the hidden states entering block 2;
+    the rerun scores only block 2 and the head, and its table is the uninterrupted one, bit for bit."""
+    from bitplan.sensitivity import hf_stream, score
+    batches = _batches(samples=8)
+    ref = score(llama3, batches, method="block", bits=(2, 4, 8))
+    ck = tmp_path / "sens.partial.json"
+    real = hf_stream.StreamedLM.run_block
+    blocks_run = []
+
+    def dies_in_block_2(self, i, h, kw):
+        blocks_run.append(i)
+        if i == 2:
+            raise KeyboardInterrupt("killed")
+        return real(self, i, h, kw)
+    monkeypatch.setattr(hf_stream.StreamedLM, "run_block", dies_in_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        score(llama3, batches, method="block", bits=(2, 4, 8), checkpoint=str(ck), checkpoint_every=0)
+    assert ck.exists() and (tmp_path / "sens.partial.json.rank0.safetensors").exists()
+    assert json.loads(ck.read_text())["state"]["next_block"] == 2
+    blocks_run.clear()
+    monkeypatch.setattr(hf_stream.StreamedLM, "run_block", real)
+    monkeypatch.setattr(hf_stream.StreamedLM, "run_block",
+                        lambda self, i, h, kw: blocks_run.append(i) or real(self, i, h, kw))
+    t = score(llama3, batches, method="block", bits=(2, 4, 8), checkpoint=str(ck), checkpoint_every=0)
+    assert set(blocks_run) == {2} and t.meta["resumed"] == 2
+    assert np.array_equal(t.loss, ref.loss)
+    assert not ck.exists() and not (tmp_path / "sens.partial.json.rank0.safetensors").exists()
+    # a checkpoint of another run (other calibration data) is refused, naming the difference
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(hf_stream.StreamedLM, "run_block", dies_in_block_2)
+        score(llama3, batches, method="block", bits=(2, 4, 8), checkpoint=str(ck), checkpoint_every=0)
+    with pytest.raises(ValueError, match="content"):
+        score(llama3, batches[:1], method="block", bits=(2, 4, 8), checkpoint=str(ck))
+    # hidden states that do not fit (another rank's file, a truncated write) are refused
+    (tmp_path / "sens.partial.json.rank0.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="does not read"):
+        score(llama3, batches, method="block", bits=(2, 4, 8), checkpoint=str(ck))
+
+
+def test_probe_gains_match_noise_carried_through_the_whole_model(llama3):
+    """block_gain[k] is ‖Δ last-block output‖² / ‖noise‖² for isotropic noise added to block k's output
+    (recomputed here on the whole HF model with forward hooks and the same noise); the last block's
+    gain is 1; probes=0 means every gain is 1 and the loss is α·D + head KL."""
+    from transformers import AutoModelForCausalLM
+
+    from bitplan.sensitivity import score
+    batches = _batches(samples=8)
+    t = score(llama3, batches, method="block", bits=(2, 4), probes=3, probe_batches=1)
+    assert t.meta["probe_blocks"] == [0, 1] and t.meta["block_gain"][2] == 1.0
+    m = AutoModelForCausalLM.from_pretrained(llama3, attn_implementation="eager").eval()
+    layers = m.model.layers
+    b = batches[0]
+    outs = {}
+    hooks = [layers[-1].register_forward_hook(lambda mod, a, o: outs.__setitem__("last", o[0] if isinstance(o, tuple) else o))]
+    with torch.no_grad():
+        m(**b, use_cache=False)
+        clean = outs["last"].clone()
+        for k in (0, 1):
+            noise = {}
+
+            def add(mod, a, o, k=k):
+                y = o[0] if isinstance(o, tuple) else o
+                gen = torch.Generator().manual_seed(0 * 1_000_003 + 7_919 * (k + 1) + 0)
+                eps = torch.randn(y.shape, generator=gen, dtype=y.dtype) * (0.03 * float(y.float().pow(2).mean().sqrt()))
+                noise["sq"] = float(eps.pow(2).sum())
+                return ((y + eps,) + tuple(o[1:])) if isinstance(o, tuple) else y + eps
+            h = layers[k].register_forward_hook(add)
+            m(**b, use_cache=False)
+            h.remove()
+            want = float((outs["last"] - clean).pow(2).sum()) / noise["sq"]
+            np.testing.assert_allclose(t.meta["block_gain"][k], want, rtol=1e-3)
+    for hk in hooks:
+        hk.remove()
+    flat = score(llama3, batches, method="block", bits=(2, 4), probes=0)
+    assert flat.meta["block_gain"] == [1.0, 1.0, 1.0]
+    np.testing.assert_allclose(flat.loss, np.where(flat.allowed, flat.meta["alpha"] * flat.meta["block_sq_err"]
+                                                   + flat.meta["head_kl"], 0), rtol=1e-12)
+
+
+def test_two_anchors_make_gamma_linear_in_bits_between_them():
+    from bitplan.core.spec import QuantSpec
+    from bitplan.sensitivity.streaming import _carry
+    specs = [QuantSpec(2), QuantSpec(3), QuantSpec(4), QuantSpec(8)]
+    D, e, gamma = np.array([[8.0, 0.0, 2.0, 0.0]]), np.array([2.0, 1.0, 1.0, 0.5]), np.zeros(1)
+    _carry(D, gamma, 0, [2, 0], [2, 0], e, [True] * 4, specs)      # γ(4 bits) = 2, γ(2 bits) = 4
+    assert D.tolist() == [[8.0, 3.0, 2.0, 1.0]] and gamma[0] == 2.0  # γ(3) = 3; γ(8) = γ(4), the nearest
