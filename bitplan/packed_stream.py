@@ -71,21 +71,6 @@ def _mask(batch):
     return am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
 
 
-def _return_freed_memory() -> None:
-    """Hand the heap memory freed by the block just written back to the OS (glibc's ``malloc_trim``;
-    nothing elsewhere). Without it a freed block's tensors can stay in malloc's arenas, fragmented
-    between later allocations: measured on a 16-block Llama folder (hidden 1024), peak RSS crept up by
-    one to two weight matrices per block in some runs and not others (590-904 MiB over runs); with it,
-    600-620 MiB in every run."""
-    import ctypes
-    import ctypes.util
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
-
-
 def _set_module(root, name: str, new) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
@@ -155,7 +140,7 @@ def save_packed_streamed(folder_in, plan: Plan, folder_out, calib_data=None, mod
                          f"({sorted({plan.layers[n].method for n in want})}, e.g. {want[0]}): pass "
                          "calib_data= (the plan's calibration batches)")
     batches = as_batches(calib_data) if want else []
-    from .sensitivity.hf_stream import StreamedLM
+    from .sensitivity.hf_stream import StreamedLM, return_freed_memory
     try:
         lm = StreamedLM(folder_in)
     except ValueError as e:       # an architecture block streaming does not support
@@ -212,7 +197,7 @@ def save_packed_streamed(folder_in, plan: Plan, folder_out, calib_data=None, mod
                         for m, mod in fp.items():
                             _set_module(blk, m, mod)
                 del fp, blk
-                _return_freed_memory()
+                return_freed_memory()          # the packed block too, now that it is written
             outer = {n: s for n, s in plan.layers.items() if not n.startswith(lm.blocks_fqn + ".")}
             need = {n: lm.model.get_submodule(n) for n, s in outer.items() if needs_stats(s)}
             stats = {}

@@ -31,7 +31,22 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["skeleton", "Shards", "StreamedLM", "source_dir"]
+__all__ = ["skeleton", "Shards", "StreamedLM", "source_dir", "return_freed_memory"]
+
+
+def return_freed_memory() -> None:
+    """Hand heap memory freed by a block that went back to meta to the OS (glibc's ``malloc_trim``;
+    nothing elsewhere). Without it a freed block's tensors can stay in malloc's arenas, fragmented
+    between later allocations: measured on a 16-block Llama folder (hidden 1024), the packed save's
+    peak RSS crept up by one to two weight matrices per block in some runs and not others (590-904
+    MiB over runs); with it, 600-620 MiB in every run."""
+    import ctypes
+    import ctypes.util
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def source_dir(model) -> str:
@@ -199,6 +214,7 @@ class StreamedLM:
             yield mod
         finally:
             mod.to("meta")
+            return_freed_memory()
 
     # ------------------------------------------------------------- running
     @torch.no_grad()
