@@ -6,7 +6,8 @@ safetensors shards of <= 100 MB) at 4, 8, 16 (32) decoder layers. For each, ONE 
 ``bitplan plan --model DIR --method block --avg-bits 4`` (default options: bits 2,3,4,5,6,8 x
 per-channel / group 128; default calibration: 32 windows x 128 tokens of the built-in text) and
 reports its wall time, the scoring time (plan.estimator.seconds), the solve time, and its peak RSS
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at exit). ``--apply`` also packs the plan with
+(``VmHWM`` of /proc/self/status at exit: the high-water mark of the worker's own memory since its
+exec — ``ru_maxrss`` is not, it keeps the RSS of the parent at fork, which builds the folders). ``--apply`` also packs the plan with
 ``bitplan apply`` in its own subprocess (streamed: one decoder block at a time, one safetensors shard
 per block) and records that process's peak RSS, wall / CPU time and shard count — apply memory vs
 depth — then compares the packed tensors' bytes with the plan's predicted size; ``--apply-whole``
@@ -69,6 +70,17 @@ def build(layers: int, big: bool = False) -> str:
     return path
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since its exec (VmHWM), in MiB. Not ``ru_maxrss``: Linux
+    carries the parent's high-water mark into a child at fork, so a worker started by a parent that
+    had just built a 4 GB folder reported 4 GB before it read a weight."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def _progress(out: str, t0: float) -> None:
     """Write this process's peak RSS so far to ``out.progress`` every 20 s (a background thread), so
     that a run cut by the timeout still says something."""
@@ -78,7 +90,7 @@ def _progress(out: str, t0: float) -> None:
         while True:
             ru = resource.getrusage(resource.RUSAGE_SELF)
             with open(out + ".progress", "w", encoding="utf-8") as f:
-                json.dump({"elapsed_s": time.perf_counter() - t0, "peak_rss_mib_so_far": ru.ru_maxrss / 1024,
+                json.dump({"elapsed_s": time.perf_counter() - t0, "peak_rss_mib_so_far": peak_rss_mib(),
                            "cpu_s_so_far": ru.ru_utime + ru.ru_stime}, f)
             time.sleep(20)
     threading.Thread(target=loop, daemon=True).start()
@@ -86,8 +98,8 @@ def _progress(out: str, t0: float) -> None:
 
 def _usage() -> dict:
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    # CPU seconds (user + sys, all threads): less sensitive than wall time to the other jobs
-    return {"peak_rss_mib": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime}
+    # peak RSS of this process since its exec; CPU seconds (user + sys, all threads): less sensitive than wall time to the other jobs
+    return {"peak_rss_mib": peak_rss_mib(), "cpu_s": ru.ru_utime + ru.ru_stime}
 
 
 def goal(path: str, tokens: int) -> dict:
@@ -120,7 +132,7 @@ def worker(path: str, out: str, method: str = "block") -> None:
     t0 = time.perf_counter()
     _progress(out, t0)
     load_model(path, lazy=True)             # what `plan` holds before scoring: runtime, meta model, batches
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mib()
     rc = main(["plan", "--model", path, "--method", method, "--avg-bits", "4", "--out", plan_path, "--quiet"])
     wall = time.perf_counter() - t0
     with open(plan_path, encoding="utf-8") as f:
