@@ -1,6 +1,7 @@
 """What several commands share: loading the model (timed, logged), resolving options and losses."""
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -61,7 +62,7 @@ def auto_sensitivity(args) -> str:
     has_st = lm and any(os.path.isfile(os.path.join(path, f))
                         for f in ("model.safetensors", "model.safetensors.index.json"))
     why = ("a causal-LM folder with safetensors weights: scored a decoder block at a time" if has_st else
-           "not a causal-LM folder with safetensors weights" if not lm else "")
+           "a causal-LM folder without safetensors weights" if lm else "not a causal-LM folder")
     if has_st and getattr(args, "loss", "kl") != "kl":
         has_st, why = False, f"--loss {args.loss} (block predicts the label-free KL)"
     if has_st and getattr(args, "refine", None) is not None:
@@ -86,7 +87,6 @@ def check_names(args) -> dict:
     if bad:
         raise ValueError(f"--quant-method {','.join(bad)} is not known; known: {list(METHODS)}")
     opts = probe_opts(args.max_probes)
-    import inspect
     if opts and "max_probes" not in inspect.signature(ESTIMATORS[args.sensitivity]).parameters:
         log.warning("--max-probes %d: the %s estimator draws no Hutchinson probes; ignored",
                     args.max_probes, args.sensitivity)
