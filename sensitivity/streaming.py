@@ -52,10 +52,12 @@ forward over ``anchor_batches`` batches per layer and measured option, and one p
 + one block + calibration activations.
 
 In an initialised ``torch.distributed`` process group (call it on every rank) the calibration
-batches are sharded over the ranks (batch ``i`` on rank ``i % world``); each rank carries only its
-own hidden states, and every sum the table is made of (block errors and their token counts, input
-statistics, KL sums, embedding token counts) is all-reduced, so every rank gets the same table —
-the one a single process computes, up to floating-point summation order.
+batches are sharded over the ranks (batch ``i`` on rank ``i % world``); each rank carries its own
+hidden states plus the few anchor / probe batches (replicated), the anchor cells (layer, anchored
+option) and the probes are dealt round-robin over the ranks, and every sum the table is made of
+(block errors and their token counts, input statistics, KL sums, embedding token counts, probe
+gains) is all-reduced, so every rank gets the same table — the one a single process computes, up
+to floating-point summation order.
 
 Example:
     >>> t = score("path/to/llama", batches, method="block", bits=(2, 3, 4, 8))
@@ -237,6 +239,7 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
         raise ValueError(f"{len(batches)} calibration batch(es) for {world} ranks: method 'block' shards the "
                          "batches over the ranks, each needs at least one (more --calib-samples, or fewer ranks)")
     mine = list(range(rank, len(batches), world))          # global indices of this rank's batches
+    nb_probe = min(probe_batches, len(batches)) if probes > 0 else 0
     nb_anchor = len(batches) if measure == "all" or not anchor_batches else min(anchor_batches, len(batches))
     lm = StreamedLM(path)
     graph = graph or LayerGraph.build(lm.model)
@@ -247,17 +250,28 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
     gamma = np.full(L, np.nan)
     row = {n: i for i, n in enumerate(graph.names)}
     fwd = 0
-    my_b = [batches[g] for g in mine]
-    sub = [k for k, g in enumerate(mine) if g < nb_anchor]   # this rank's anchor batches: a prefix of its own
-    pb = [k for k, g in enumerate(mine) if g < probe_batches]  # this rank's probe batches (global 0..)
+    # local batches: this rank's own, then the anchor / probe batches other ranks own (replicated:
+    # every rank carries them, so the anchor cells and the probes can be split over the ranks)
+    loc = mine + [g for g in range(max(nb_anchor if measure != "all" else 0, nb_probe)) if g % world != rank]
+    own = len(mine)                                             # loc[:own]: the batches sums run over
+    my_b = [batches[g] for g in loc]
+    sub = sorted((q for q, g in enumerate(loc) if g < nb_anchor), key=lambda q: loc[q])   # anchor batches
+    pb = sorted((q for q, g in enumerate(loc) if g < nb_probe), key=lambda q: loc[q])     # probe batches
+    cell = [0]                                                  # anchor cells so far (same on every rank)
+
+    def my_cell() -> bool:
+        """Is the next anchor cell this rank's? (round-robin: each cell is computed by one rank)"""
+        cell[0] += 1
+        return (cell[0] - 1) % world == rank
     n_blk = len(lm.block_names)
     at = sorted({int(round(x)) for x in np.linspace(0, n_blk - 1, min(probes, n_blk))}) if probes > 0 else []
     at = [k for k in at if k < n_blk - 1]                       # the last block's gain is 1: nothing follows
     probe_x, probe_sq = {}, {}                                  # start block -> noisy states, Σ noise²
 
     def mean_over(fn, idx, what):
-        """Σ fn(k) over local batches ``idx`` / their tokens, summed over the ranks."""
-        s = allsum(np.array([sum(fn(k) for k in idx), sum(_ntok(h[k]) for k in idx)]), what)
+        """Σ fn(q) over local batches ``idx`` / their tokens, summed over the ranks (a replicated
+        batch is in ``idx`` on one rank only)."""
+        s = allsum(np.array([sum(fn(q) for q in idx), sum(_ntok(h[q]) for q in idx)]), what)
         return float(s[0]) / max(float(s[1]), 1.0)
 
     ck = _BlockCheckpoint(checkpoint, ranks, lm, graph, specs, batches, {
@@ -287,13 +301,16 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                 counts[name] += torch.bincount(args[0].reshape(-1), minlength=counts[name].numel()).double()
             hooks.append(mod.register_forward_pre_hook(cnt))
         try:
-            h, kws = lm.block_inputs(my_b, _run)
+            h, kws = lm.block_inputs(my_b[:own], _run)
         finally:
             for hk in hooks:
                 hk.remove()
-        tokens = int(allsum(float(sum(_ntok(x) for x in h)), "counting calibration tokens"))
+        h2, kws2 = lm.block_inputs(my_b[own:], _run)          # replicated batches: not counted
+        h, kws = h + h2, kws + kws2
+        tokens = int(allsum(float(sum(_ntok(x) for x in h[:own])), "counting calibration tokens"))
         if start:                   # resumed: the carried hidden states entering block `start`
-            h, probe_x = ck.hidden(start, [x.shape for x in h], {k: [h[q].shape for q in pb] for k in probe_sq})
+            h, probe_x = ck.hidden(start, [x.shape for x in h],
+                                   {k: [h[q].shape for q in pb] for k in probe_sq if at.index(k) % world == rank})
             emb_layers = []         # their rows were scored at block 0
         # ---- embeddings: exact row errors; block-0 inputs for the measured options
         emb_e, emb_in = {}, {}
@@ -307,8 +324,10 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                 wq = fake_weight(mod, l.kind, specs[j])
                 e[j] = float(((wq.float() - w).pow(2).sum(1).double() * cnt).sum() / max(float(cnt.sum()), 1.0))
                 if j in todo:
+                    # an anchor cell on the anchor batches (one rank's); "all": every rank's own batches
+                    idx = list(range(own)) if measure == "all" else (sub if my_cell() else [])
                     with _perturbed(mod, wq, None):
-                        emb_in[i, j], _ = lm.block_inputs([my_b[k] for k in sub], _run)
+                        emb_in[i, j] = (idx, lm.block_inputs([my_b[q] for q in idx], _run)[0])
             emb_e[i] = (a, todo, e)
         # ---- decoder blocks, one at a time
         for k, bname in enumerate(lm.block_names):
@@ -322,9 +341,10 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                 diag = _Diag(mods, kinds)
                 try:
                     with StatsCollector({n: mods[n] for n in full}) if full else contextlib.nullcontext() as col:
-                        y = [lm.run_block(k, x, kw) for x, kw in zip(h, kws)]
+                        y = [lm.run_block(k, x, kw) for x, kw in zip(h[:own], kws[:own])]
                 finally:
                     diag.close()
+                y += [lm.run_block(k, x, kw) for x, kw in zip(h[own:], kws[own:])]   # replicated: no stats
                 fwd += 1
                 stats = {}
                 for n in names:                           # global input statistics of this block's layers
@@ -340,9 +360,10 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                 if k == 0:
                     # embeddings, where block 0 has amplified them: the embedding output is a small
                     # stream that the first block normalises and writes a much larger one from
-                    for (i, j), hq in emb_in.items():
-                        D[i, j] = mean_over(lambda q: _sq(lm.run_block(0, hq[q], kws[q]), y[q]), sub,
-                                            f"embedding error of {graph.names[i]}")   # hq[q]: sub is a prefix
+                    for (i, j), (idx, hq) in emb_in.items():
+                        pos = {q: p for p, q in enumerate(idx)}
+                        D[i, j] = mean_over(lambda q: _sq(lm.run_block(0, hq[pos[q]], kws[q]), y[q]), idx,
+                                            f"embedding error of {graph.names[i]}")
                         fwd += 1
                     for i, (a, todo, e) in emb_e.items():
                         _carry(D, gamma, i, a, todo, e, allowed[i], specs)
@@ -358,7 +379,7 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                         e[j] = _error(w2, layer_weight_2d(_Tmp(wq), info.kind), st, sq, cnt, specs[j])
                         if j not in todo:
                             continue
-                        idx = range(len(h)) if (measure == "all" or j not in a) else sub
+                        idx = range(own) if (measure == "all" or j not in a) else (sub if my_cell() else [])
                         with _perturbed(mod, wq, specs[j].act_bits):
                             D[i, j] = mean_over(lambda q: _sq(lm.run_block(k, h[q], kws[q]), y[q]), idx,
                                                 f"block error of {n}")
@@ -367,14 +388,17 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                 for k0, xs in probe_x.items():        # the probes started before: on through this block
                     probe_x[k0] = [lm.run_block(k, x, kws[q]) for q, x in zip(pb, xs)]
                     fwd += 1
-                if k in at:                           # a new probe: noise on this block's output
-                    probe_sq[k], probe_x[k] = 0.0, []
-                    for q in pb:
-                        gen = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (k + 1) + mine[q])
-                        eps = torch.randn(y[q].shape, generator=gen, dtype=y[q].dtype) * (
-                            noise_rel * float(y[q].float().pow(2).mean().sqrt()))
-                        probe_x[k].append(y[q] + eps)
-                        probe_sq[k] += float(eps.pow(2).sum())
+                if k in at:       # a new probe: noise on this block's output (one rank's, round-robin)
+                    sq_k = 0.0
+                    if at.index(k) % world == rank:
+                        probe_x[k] = []
+                        for q in pb:
+                            gen = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (k + 1) + loc[q])
+                            eps = torch.randn(y[q].shape, generator=gen, dtype=y[q].dtype) * (
+                                noise_rel * float(y[q].float().pow(2).mean().sqrt()))
+                            probe_x[k].append(y[q] + eps)
+                            sq_k += float(eps.pow(2).sum())
+                    probe_sq[k] = allsum(sq_k, f"probe at block {k}")
                 del blk
             h = y
             if ck is not None and k + 1 < len(lm.block_names) and ck.due(checkpoint_every):
@@ -393,14 +417,14 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
             diag = _Diag(head_mods, head_kind) if head_mods else None
             try:
                 with StatsCollector({n: head_mods[n] for n in full}) if full else contextlib.nullcontext() as col:
-                    refs = [logits(x, b) for x, b in zip(h, my_b)]
+                    refs = [logits(x, b) for x, b in zip(h[:own], my_b[:own])]
             finally:
                 if diag is not None:
                     diag.close()
             ratios = []
             for d in range(noise_draws):
                 kl, s = 0.0, 0.0
-                for x, b, r, g in zip(h, my_b, refs, mine):
+                for x, b, r, g in zip(h[:own], my_b[:own], refs, mine):
                     # one generator per (draw, batch): the noise does not depend on which rank holds it
                     gen = torch.Generator().manual_seed(seed * 1_000_003 + d * 65_537 + g)
                     sigma = noise_rel * float(x.float().pow(2).mean().sqrt())
@@ -428,7 +452,7 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                     e[j] = _error(w2, layer_weight_2d(_Tmp(wq), head_kind[l.name]), st, sq, cnt, specs[j])
                     if j not in todo:
                         continue
-                    idx = range(len(h)) if (measure == "all" or j not in a) else sub
+                    idx = range(own) if (measure == "all" or j not in a) else [q for q in sub if q < own]
                     with _perturbed(mod, wq, specs[j].act_bits):
                         kl[j] = mean_over(lambda q: float(kl_to_reference(logits(h[q], my_b[q]), refs[q])) * _ntok(h[q]),
                                           idx, f"head KL of {l.name}")
@@ -436,9 +460,8 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                 _carry(kl[None, :], g[:1], 0, a, todo, e, allowed[i], specs)
                 head_kl[i] = kl
     # ---- gains: how much of a perturbation of block k's output reaches the final stream
-    pts = {k0: allsum(np.array([sum(_sq(x, h[q]) for q, x in zip(pb, xs)), probe_sq[k0]]), "probe gains")
-           for k0, xs in probe_x.items()}
-    pts = {k0: float(v[0]) / max(float(v[1]), 1e-30) for k0, v in pts.items()}
+    pts = {k0: allsum(sum(_sq(x, h[q]) for q, x in zip(pb, probe_x.get(k0, ()))), "probe gains")
+           / max(probe_sq[k0], 1e-30) for k0 in at}
     gain = _gains(pts, n_blk)
     blk_of = np.array([lm.block_names.index(in_block[n]) if n in in_block else 0 for n in graph.names])
     row_gain = np.where([l.name in in_block or "embedding" in l.kinds for l in graph.layers], gain[blk_of], 1.0)
