@@ -375,15 +375,20 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                     a, todo = _measured(specs, allowed[i], measure, anchors)
                     e = np.zeros(B)
                     for j in np.nonzero(allowed[i])[0]:
-                        wq = fake_weight(mod, info.kind, specs[j], st)
-                        e[j] = _error(w2, layer_weight_2d(_Tmp(wq), info.kind), st, sq, cnt, specs[j])
-                        if j not in todo:
-                            continue
-                        idx = range(own) if (measure == "all" or j not in a) else (sub if my_cell() else [])
-                        with _perturbed(mod, wq, specs[j].act_bits):
-                            D[i, j] = mean_over(lambda q: _sq(lm.run_block(k, h[q], kws[q]), y[q]), idx,
-                                                f"block error of {n}")
-                        fwd += 1
+                        # this option's output error: one rank's (round-robin); its measurement: every
+                        # rank over its own batches, or for an anchor one rank over the anchor batches
+                        mine_e = my_cell()
+                        idx = [] if j not in todo else range(own) if (measure == "all" or j not in a) \
+                            else (sub if my_cell() else [])
+                        wq = fake_weight(mod, info.kind, specs[j], st) if mine_e or len(idx) else None
+                        if mine_e:
+                            e[j] = _error(w2, layer_weight_2d(_Tmp(wq), info.kind), st, sq, cnt, specs[j])
+                        if j in todo:           # a collective on every rank, whoever measures
+                            with _perturbed(mod, wq, specs[j].act_bits) if len(idx) else contextlib.nullcontext():
+                                D[i, j] = mean_over(lambda q: _sq(lm.run_block(k, h[q], kws[q]), y[q]), idx,
+                                                    f"block error of {n}")
+                            fwd += 1
+                    e = allsum(e, f"output errors of {n}")
                     _carry(D, gamma, i, a, todo, e, allowed[i], specs)
                 for k0, xs in probe_x.items():        # the probes started before: on through this block
                     probe_x[k0] = [lm.run_block(k, x, kws[q]) for q, x in zip(pb, xs)]
