@@ -4,7 +4,6 @@ the plan covers the embedding / lm_head as ONE tied layer, packed bytes equal th
 packed folder rebuilds by itself and generates. Random weights: plumbing and bytes, not quality."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
