@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .core.batches import as_batches, run_model
+from .core.batches import as_batches
 from .packed_io import FORMAT, INDEX_FILE, WEIGHTS_FILE, check_target, shard_name, unique_state, write_folder
 from .plan import Plan
 
@@ -56,13 +56,6 @@ def streamable(path) -> str | None:
     if not any(os.path.isfile(os.path.join(path, f)) for f in (WEIGHTS_FILE, INDEX_FILE)):
         return f"no {WEIGHTS_FILE} or {INDEX_FILE} (weights in another format)"
     return None
-
-
-def _run(model, batch):
-    """One batch through the model, without a KV cache."""
-    if isinstance(batch, Mapping):
-        return model(**batch, use_cache=False)
-    return run_model(model, batch)
 
 
 def _mask(batch):
@@ -140,7 +133,7 @@ def save_packed_streamed(folder_in, plan: Plan, folder_out, calib_data=None, mod
                          f"({sorted({plan.layers[n].method for n in want})}, e.g. {want[0]}): pass "
                          "calib_data= (the plan's calibration batches)")
     batches = as_batches(calib_data) if want else []
-    from .sensitivity.hf_stream import StreamedLM, return_freed_memory
+    from .sensitivity.hf_stream import StreamedLM, return_freed_memory, run_uncached
     try:
         lm = StreamedLM(folder_in)
     except ValueError as e:       # an architecture block streaming does not support
@@ -173,7 +166,7 @@ def save_packed_streamed(folder_in, plan: Plan, folder_out, calib_data=None, mod
 
         with torch.no_grad():
             lm.load_outer()
-            h, kws = lm.block_inputs(batches, _run) if want else ([], [])
+            h, kws = lm.block_inputs(batches, run_uncached) if want else ([], [])
             for k, bname in enumerate(lm.block_names):
                 with lm.materialised(bname) as blk:
                     specs = {n[len(bname) + 1:]: s for n, s in plan.layers.items() if n.startswith(bname + ".")}
@@ -203,7 +196,7 @@ def save_packed_streamed(folder_in, plan: Plan, folder_out, calib_data=None, mod
             stats = {}
             if need:                # lm_head & co: the model's own head on the final fp hidden states
                 with lm.head_only() as set_final:
-                    stats = _collect(need, [(_mask(b), lambda x=x, b=b: (set_final(x), _run(lm.model, b)))
+                    stats = _collect(need, [(_mask(b), lambda x=x, b=b: (set_final(x), run_uncached(lm.model, b)))
                                             for x, b in zip(h, batches)])
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

@@ -83,6 +83,22 @@ class Ranks:
             raise RuntimeError(self._failure(str(e), what)) from None
         return out
 
+    def all_reduce(self, x, what: str):
+        """``x`` (float, numpy array or tensor) summed over every rank; the same type back (a tensor
+        in place). Example: ``total = ranks.all_reduce(np.array([err, tokens]), "block 3")``"""
+        import numpy as np
+        import torch
+        import torch.distributed as dist
+        t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float64))
+        self.sync(what)
+        try:
+            dist.all_reduce(t, group=self.group)
+        except RuntimeError as e:
+            raise RuntimeError(self._failure(str(e), what)) from None
+        if isinstance(x, torch.Tensor):
+            return t
+        return float(t) if np.ndim(x) == 0 else t.numpy()
+
     def broadcast(self, obj, what: str):
         """Rank 0's ``obj`` on every rank."""
         import torch.distributed as dist

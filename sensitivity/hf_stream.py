@@ -31,7 +31,17 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["skeleton", "Shards", "StreamedLM", "source_dir", "return_freed_memory"]
+__all__ = ["skeleton", "Shards", "StreamedLM", "source_dir", "return_freed_memory", "run_uncached"]
+
+
+def run_uncached(model, batch):
+    """One batch through the model without a KV cache (blocks are replayed on the same inputs)."""
+    from collections.abc import Mapping
+
+    from ..core.batches import run_model
+    if isinstance(batch, Mapping):
+        return model(**batch, use_cache=False)
+    return run_model(model, batch)
 
 
 def return_freed_memory() -> None:

@@ -66,20 +66,19 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 
 import numpy as np
 import torch
 
-from ..core.batches import as_batches, run_model
+from ..core.batches import as_batches
 from ..core.graph import LayerGraph, layer_weight_2d
-from ..kernels.actquant import fake_quantize_act
 from ..kernels.calibstats import StatsCollector, layer_input_2d
-from ..kernels.modules import fake_weight, needs_stats, option_mask
-from .hf_stream import StreamedLM, source_dir
+from ..kernels.modules import ActFakeQuant, fake_weight, needs_stats, option_mask
+from .hf_stream import StreamedLM, run_uncached, source_dir
 from .losses import kl_to_reference
 from .registry import register
+from .stream_checkpoint import BlockCheckpoint
 from .table import Sensitivity
 
 __all__ = ["block", "MEASURE"]
@@ -116,13 +115,6 @@ def _measured(specs, allowed_row, measure: str, n_anchors: int) -> tuple[list[in
     return a, [int(j) for j in ok if measure == "all" or j in a or specs[j].act_bits is not None]
 
 
-def _run(model, batch):
-    """One batch through the model without a KV cache (blocks are replayed on the same inputs)."""
-    if isinstance(batch, dict):
-        return model(**batch, use_cache=False)
-    return run_model(model, batch)
-
-
 @contextlib.contextmanager
 def _perturbed(mod, w, act_bits):
     """``mod`` with weight ``w`` (and its input fake-quantized to ``act_bits``) inside the context."""
@@ -131,8 +123,7 @@ def _perturbed(mod, w, act_bits):
     with torch.no_grad():
         mod.weight.copy_(w)
     if act_bits is not None:
-        hook = mod.register_forward_pre_hook(
-            lambda m, args: (fake_quantize_act(args[0], act_bits),) + tuple(args[1:]))
+        hook = mod.register_forward_pre_hook(ActFakeQuant(act_bits))
     try:
         yield mod
     finally:
@@ -140,28 +131,6 @@ def _perturbed(mod, w, act_bits):
             hook.remove()
         with torch.no_grad():
             mod.weight.copy_(saved)
-
-
-class _Sum:
-    """Sums over this rank's batches made global: all-reduced over the process group, if any."""
-
-    def __init__(self, ranks):
-        self.ranks = ranks
-
-    def __call__(self, x, what: str):
-        """``x`` (float, numpy array or tensor) summed over the ranks; the same type back."""
-        if self.ranks is None:
-            return x
-        import torch.distributed as dist
-        t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float64))
-        self.ranks.sync(what)
-        try:
-            dist.all_reduce(t, group=self.ranks.group)
-        except RuntimeError as e:
-            raise RuntimeError(self.ranks._failure(str(e), what)) from None
-        if isinstance(x, torch.Tensor):
-            return t
-        return float(t) if np.ndim(x) == 0 else t.numpy()
 
 
 class _Diag:
@@ -234,7 +203,9 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
     batches = as_batches(calib_data)
     ranks = current(timeout)
     world, rank = (ranks.world, ranks.rank) if ranks else (1, 0)
-    allsum = _Sum(ranks)
+    def allsum(x, what: str):
+        """A sum over this rank's batches made global (all-reduced when there is a process group)."""
+        return x if ranks is None else ranks.all_reduce(x, what)
     if len(batches) < world:
         raise ValueError(f"{len(batches)} calibration batch(es) for {world} ranks: method 'block' shards the "
                          "batches over the ranks, each needs at least one (more --calib-samples, or fewer ranks)")
@@ -268,13 +239,25 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
     at = [k for k in at if k < n_blk - 1]                       # the last block's gain is 1: nothing follows
     probe_x, probe_sq = {}, {}                                  # start block -> noisy states, Σ noise²
 
+    def global_stats(n, diag, col):
+        """(Σ x_k², tokens, full LayerStats or None) of layer ``n``'s inputs over every rank's batches."""
+        sq = allsum(diag.sq.get(n, torch.zeros(1)), f"input statistics of {n}")
+        cnt = int(allsum(float(diag.n.get(n, 0)), f"input statistics of {n}"))
+        st = None
+        if col is not None:
+            st = col.stats[n]
+            st.xtx = allsum(st.xtx, f"input statistics of {n}")
+            st.abs_sum = allsum(st.abs_sum, f"input statistics of {n}")
+            st.n_tokens = cnt
+        return sq, cnt, st
+
     def mean_over(fn, idx, what):
         """Σ fn(q) over local batches ``idx`` / their tokens, summed over the ranks (a replicated
         batch is in ``idx`` on one rank only)."""
         s = allsum(np.array([sum(fn(q) for q in idx), sum(_ntok(h[q]) for q in idx)]), what)
         return float(s[0]) / max(float(s[1]), 1.0)
 
-    ck = _BlockCheckpoint(checkpoint, ranks, lm, graph, specs, batches, {
+    ck = BlockCheckpoint(checkpoint, ranks, lm, graph, specs, batches, {
         "seed": seed, "measure": measure, "noise_draws": noise_draws, "noise_rel": noise_rel,
         "anchor_batches": anchor_batches, "probes": probes, "probe_batches": probe_batches,
         "anchors": anchors}) \
@@ -301,11 +284,11 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                 counts[name] += torch.bincount(args[0].reshape(-1), minlength=counts[name].numel()).double()
             hooks.append(mod.register_forward_pre_hook(cnt))
         try:
-            h, kws = lm.block_inputs(my_b[:own], _run)
+            h, kws = lm.block_inputs(my_b[:own], run_uncached)
         finally:
             for hk in hooks:
                 hk.remove()
-        h2, kws2 = lm.block_inputs(my_b[own:], _run)          # replicated batches: not counted
+        h2, kws2 = lm.block_inputs(my_b[own:], run_uncached)          # replicated batches: not counted
         h, kws = h + h2, kws + kws2
         tokens = int(allsum(float(sum(_ntok(x) for x in h[:own])), "counting calibration tokens"))
         if start:                   # resumed: the carried hidden states entering block `start`
@@ -327,7 +310,7 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                     # an anchor cell on the anchor batches (one rank's); "all": every rank's own batches
                     idx = list(range(own)) if measure == "all" else (sub if my_cell() else [])
                     with _perturbed(mod, wq, None):
-                        emb_in[i, j] = (idx, lm.block_inputs([my_b[q] for q in idx], _run)[0])
+                        emb_in[i, j] = (idx, lm.block_inputs([my_b[q] for q in idx], run_uncached)[0])
             emb_e[i] = (a, todo, e)
         # ---- decoder blocks, one at a time
         for k, bname in enumerate(lm.block_names):
@@ -346,17 +329,7 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                     diag.close()
                 y += [lm.run_block(k, x, kw) for x, kw in zip(h[own:], kws[own:])]   # replicated: no stats
                 fwd += 1
-                stats = {}
-                for n in names:                           # global input statistics of this block's layers
-                    sq = allsum(diag.sq.get(n, torch.zeros(1)), f"input statistics of {n}")
-                    cnt = int(allsum(float(diag.n.get(n, 0)), f"input statistics of {n}"))
-                    st = None
-                    if n in full:
-                        st = col.stats[n]
-                        st.xtx = allsum(st.xtx, f"input statistics of {n}")
-                        st.abs_sum = allsum(st.abs_sum, f"input statistics of {n}")
-                        st.n_tokens = cnt
-                    stats[n] = (sq, cnt, st)
+                stats = {n: global_stats(n, diag, col if n in full else None) for n in names}
                 if k == 0:
                     # embeddings, where block 0 has amplified them: the embedding output is a small
                     # stream that the first block normalises and writes a much larger one from
@@ -413,7 +386,7 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
         with lm.head_only() as set_final:
             def logits(x, b):
                 set_final(x)
-                out = _run(lm.model, b)
+                out = run_uncached(lm.model, b)
                 return out["logits"] if isinstance(out, dict) else out.logits
             head_mods = {l.name: next(lm.model.get_submodule(m) for m, kd in zip(l.modules, l.kinds)
                                       if kd != "embedding") for l in heads}
@@ -441,14 +414,7 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
             alpha = float(np.mean(ratios))
             for l in heads:
                 i, mod = row[l.name], head_mods[l.name]
-                sq = allsum(diag.sq[l.name], f"input statistics of {l.name}")
-                cnt = int(allsum(float(diag.n[l.name]), f"input statistics of {l.name}"))
-                st = None
-                if l.name in full:
-                    st = col.stats[l.name]
-                    st.xtx = allsum(st.xtx, f"input statistics of {l.name}")
-                    st.abs_sum = allsum(st.abs_sum, f"input statistics of {l.name}")
-                    st.n_tokens = cnt
+                sq, cnt, st = global_stats(l.name, diag, col if l.name in full else None)
                 w2 = layer_weight_2d(mod, head_kind[l.name]).detach().float()
                 a, todo = _measured(specs, allowed[i], measure, anchors)
                 e, kl = np.zeros(B), np.zeros(B)
@@ -485,94 +451,6 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
         ck.finish()
     return Sensitivity(graph.names, tuple(specs), np.maximum(loss, 0.0), "block", allowed,
                        graph.fingerprint, meta)
-
-
-def folder_digest(shards, batches) -> str:
-    """blake2b of the safetensors files' names, sizes and headers, the first and last MiB of each file,
-    and the calibration batches: a cheap guard against resuming on other weights or data (it reads
-    ~2 MiB a shard, not the model; a change that keeps every shard's size, header and ends escapes it)."""
-    import hashlib
-
-    from .checkpoint import content_digest
-    h = hashlib.blake2b(digest_size=16)
-    for f in sorted(set(shards.where.values())):
-        size = os.path.getsize(f)
-        h.update(f"{os.path.basename(f)}:{size}".encode())
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(n, 1 << 26)))                 # the JSON header: names, dtypes, offsets
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read())
-    h.update(content_digest(torch.nn.Module(), batches).encode())
-    return h.hexdigest()
-
-
-class _BlockCheckpoint:
-    """The partially scored rows (JSON, rank 0) and each rank's carried hidden states (safetensors)."""
-
-    def __init__(self, path, ranks, lm, graph, specs, batches, settings: dict):
-        from .checkpoint import Checkpoint
-        from .table import _jsonable
-        run = {"method": "block", "names": graph.names, "options": [s.to_dict() for s in specs],
-               "model_fingerprint": graph.fingerprint, "content": folder_digest(lm.shards, batches),
-               "settings": _jsonable({**settings, "batches": len(batches),
-                                      "world_size": ranks.world if ranks else 1})}
-        self.ranks, self.rank = ranks, ranks.rank if ranks else 0
-        self.ck = Checkpoint(path, run, ranks)
-        self.state = self.ck.resume()
-        self.file = f"{os.fspath(path)}.rank{self.rank}.safetensors"
-        self.last = time.perf_counter()
-
-    def due(self, every: float) -> bool:
-        """Time for a save? (the same answer on every rank: rank 0's clock decides)"""
-        ok = time.perf_counter() - self.last >= every
-        return self.ranks.broadcast(ok, "checkpoint timer") if self.ranks else ok
-
-    def save(self, next_block: int, h, D, gamma, fwd, probe_x: dict, probe_sq: dict) -> None:
-        from safetensors.torch import save_file
-        tmp = self.file + ".tmp"
-        t = {f"h{q}": x.contiguous() for q, x in enumerate(h)}
-        t.update({f"p{k}_{q}": x.contiguous() for k, xs in probe_x.items() for q, x in enumerate(xs)})
-        save_file(t, tmp, metadata={"next_block": str(next_block)})
-        os.replace(tmp, self.file)                  # every rank's states first, then the JSON that points to them
-        if self.ranks:
-            self.ranks.sync("writing the checkpoint")
-        self.ck.state.update({"D": D.tolist(), "gamma": np.nan_to_num(gamma, nan=-1.0).tolist(),
-                              "block_forwards": fwd, "probe_sq": {str(k): v for k, v in probe_sq.items()}})
-        self.ck.put("next_block", next_block)           # writes the whole state (rank 0)
-        self.last = time.perf_counter()
-
-    def hidden(self, block: int, shapes, probe_shapes: dict) -> tuple[list, dict]:
-        """This rank's saved hidden states entering ``block`` and its probes' noisy states
-        ({start block: [states]}); ValueError if they do not fit."""
-        from safetensors import safe_open
-        where = f"checkpoint {self.file}"
-        if not os.path.isfile(self.file) or os.path.islink(self.file):
-            raise ValueError(f"{where} is missing; delete {self.ck.path} to start over")
-        try:
-            with safe_open(self.file, "pt") as f:
-                meta = f.metadata() or {}
-                h = [f.get_tensor(f"h{q}") for q in range(len(shapes))]
-                px = {k: [f.get_tensor(f"p{k}_{q}") for q in range(len(ps))] for k, ps in probe_shapes.items()}
-        except Exception as e:          # safetensors raises its own errors on corrupt files
-            raise ValueError(f"{where} does not read ({type(e).__name__}: {str(e)[:200]}); delete "
-                             f"{self.ck.path} to start over") from None
-        if meta.get("next_block") != str(block) or [tuple(x.shape) for x in h] != [tuple(s) for s in shapes]:
-            raise ValueError(f"{where} holds hidden states for block {meta.get('next_block')!r} of shapes "
-                             f"{[tuple(x.shape) for x in h][:2]}..., not block {block} of {[tuple(s) for s in shapes][:2]}...; "
-                             f"delete {self.ck.path} to start over")
-        if any([tuple(x.shape) for x in px[k]] != [tuple(s) for s in ps] for k, ps in probe_shapes.items()):
-            raise ValueError(f"{where}: its noise probes do not fit the calibration batches; delete "
-                             f"{self.ck.path} to start over")
-        return h, px
-
-    def finish(self) -> None:
-        if self.ranks:
-            self.ranks.sync("removing the checkpoint")
-        self.ck.finish()
-        if os.path.exists(self.file):
-            os.remove(self.file)
 
 
 def _gains(points: dict, n: int) -> np.ndarray:
