@@ -99,6 +99,26 @@ class Ranks:
             return t
         return float(t) if np.ndim(x) == 0 else t.numpy()
 
+    def all_reduce_many(self, xs: list, what: str) -> list:
+        """Each of ``xs`` (floats, numpy arrays, tensors) summed over every rank in ONE collective
+        (float64 on the wire); the same types back (tensors in their own dtype, new objects).
+        Example: ``a, b = ranks.all_reduce_many([np.zeros(3), torch.ones(2, 2)], "block 3")``"""
+        import numpy as np
+        import torch
+        flat = [x.detach().reshape(-1).double() if isinstance(x, torch.Tensor)
+                else torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(-1) for x in xs]
+        if not flat:
+            return []
+        buf = self.all_reduce(torch.cat(flat), what)
+        out, at = [], 0
+        for x, f in zip(xs, flat):
+            part, at = buf[at:at + f.numel()], at + f.numel()
+            if isinstance(x, torch.Tensor):
+                out.append(part.to(x.dtype).reshape(x.shape))
+            else:
+                out.append(float(part[0]) if np.ndim(x) == 0 else part.numpy().reshape(np.shape(x)))
+        return out
+
     def broadcast(self, obj, what: str):
         """Rank 0's ``obj`` on every rank."""
         import torch.distributed as dist

@@ -206,6 +206,11 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
     def allsum(x, what: str):
         """A sum over this rank's batches made global (all-reduced when there is a process group)."""
         return x if ranks is None else ranks.all_reduce(x, what)
+
+    def allsum_many(xs: list, what: str) -> list:
+        """Several such sums in one collective (a rank syncs once per block, not once per cell:
+        a collective per cell would make the ranks take turns instead of working side by side)."""
+        return list(xs) if ranks is None else ranks.all_reduce_many(list(xs), what)
     if len(batches) < world:
         raise ValueError(f"{len(batches)} calibration batch(es) for {world} ranks: method 'block' shards the "
                          "batches over the ranks, each needs at least one (more --calib-samples, or fewer ranks)")
@@ -228,33 +233,52 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
     my_b = [batches[g] for g in loc]
     sub = sorted((q for q, g in enumerate(loc) if g < nb_anchor), key=lambda q: loc[q])   # anchor batches
     pb = sorted((q for q, g in enumerate(loc) if g < nb_probe), key=lambda q: loc[q])     # probe batches
-    cell = [0]                                                  # anchor cells so far (same on every rank)
+    cells = {"forward": 0, "error": 0}       # cells dealt so far (the same count on every rank)
 
-    def my_cell() -> bool:
-        """Is the next anchor cell this rank's? (round-robin: each cell is computed by one rank)"""
-        cell[0] += 1
-        return (cell[0] - 1) % world == rank
+    def my_cell(kind: str = "forward") -> bool:
+        """Is the next cell of this kind this rank's? Round-robin, each cell computed by one rank;
+        "forward" (a measured anchor: block forwards) and "error" (an option's output error: a
+        quantizer run) are dealt separately, so the ranks get equal shares of each."""
+        cells[kind] += 1
+        return (cells[kind] - 1) % world == rank
+
+    def deal(j, a, todo) -> tuple[bool, list]:
+        """Option ``j`` of a layer with anchors ``a`` and measured options ``todo``: (is its output
+        error computed here, the local batches it is measured on here). An anchor is one rank's
+        (its error and its forwards on the anchor batches: the option is quantized once); another
+        measured option runs on every rank's own batches, its error on one rank."""
+        if j in todo and measure != "all" and j in a:
+            return (True, sub) if my_cell() else (False, [])
+        return my_cell("error"), ([] if j not in todo else list(range(own)))
     n_blk = len(lm.block_names)
     at = sorted({int(round(x)) for x in np.linspace(0, n_blk - 1, min(probes, n_blk))}) if probes > 0 else []
     at = [k for k in at if k < n_blk - 1]                       # the last block's gain is 1: nothing follows
     probe_x, probe_sq = {}, {}                                  # start block -> noisy states, Σ noise²
 
-    def global_stats(n, diag, col):
-        """(Σ x_k², tokens, full LayerStats or None) of layer ``n``'s inputs over every rank's batches."""
-        sq = allsum(diag.sq.get(n, torch.zeros(1)), f"input statistics of {n}")
-        cnt = int(allsum(float(diag.n.get(n, 0)), f"input statistics of {n}"))
-        st = None
-        if col is not None:
-            st = col.stats[n]
-            st.xtx = allsum(st.xtx, f"input statistics of {n}")
-            st.abs_sum = allsum(st.abs_sum, f"input statistics of {n}")
-            st.n_tokens = cnt
-        return sq, cnt, st
+    def global_stats(ns, diag, col, full, what):
+        """{n: (Σ x_k², tokens, full LayerStats or None)} of layers ``ns``' inputs over every
+        rank's batches (one collective); ``full``: the layers whose ``col`` stats are needed."""
+        parts = []
+        for n in ns:
+            parts += [diag.sq.get(n, torch.zeros(1)), float(diag.n.get(n, 0))]
+            if n in full:
+                parts += [col.stats[n].xtx, col.stats[n].abs_sum]
+        parts, out = allsum_many(parts, what), {}
+        for n in ns:
+            sq, cnt = parts.pop(0), int(parts.pop(0))
+            st = None
+            if n in full:
+                st = col.stats[n]
+                st.xtx, st.abs_sum, st.n_tokens = parts.pop(0), parts.pop(0), cnt
+            out[n] = (sq, cnt, st)
+        return out
 
-    def mean_over(fn, idx, what):
-        """Σ fn(q) over local batches ``idx`` / their tokens, summed over the ranks (a replicated
-        batch is in ``idx`` on one rank only)."""
-        s = allsum(np.array([sum(fn(q) for q in idx), sum(_ntok(h[q]) for q in idx)]), what)
+    def local_sums(fn, idx, hs):
+        """[Σ fn(q), Σ tokens] over local batches ``idx`` (states ``hs``): one rank's share of a
+        mean that the ranks' shares make whole once summed (a replicated batch is in one rank's idx)."""
+        return np.array([sum(fn(q) for q in idx), sum(_ntok(hs[q]) for q in idx)], dtype=np.float64)
+
+    def ratio(s) -> float:
         return float(s[0]) / max(float(s[1]), 1.0)
 
     ck = BlockCheckpoint(checkpoint, ranks, lm, graph, specs, batches, {
@@ -297,18 +321,20 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
             emb_layers = []         # their rows were scored at block 0
         # ---- embeddings: exact row errors; block-0 inputs for the measured options
         emb_e, emb_in = {}, {}
-        for l in emb_layers:
+        emb_cnt = allsum_many([counts[l.name] for l in emb_layers], "embedding counts")
+        for l, cnt in zip(emb_layers, emb_cnt):
             i, mod = row[l.name], lm.model.get_submodule(l.name)
-            cnt = allsum(counts[l.name], f"embedding counts of {l.name}")
             w = mod.weight.detach().float()
             e = np.zeros(B)
             a, todo = _measured(specs, allowed[i], measure, anchors)
             for j in np.nonzero(allowed[i])[0]:
+                mine_e, idx = deal(j, a, todo)
+                if not (mine_e or idx):
+                    continue
                 wq = fake_weight(mod, l.kind, specs[j])
-                e[j] = float(((wq.float() - w).pow(2).sum(1).double() * cnt).sum() / max(float(cnt.sum()), 1.0))
-                if j in todo:
-                    # an anchor cell on the anchor batches (one rank's); "all": every rank's own batches
-                    idx = list(range(own)) if measure == "all" else (sub if my_cell() else [])
+                if mine_e:
+                    e[j] = float(((wq.float() - w).pow(2).sum(1).double() * cnt).sum() / max(float(cnt.sum()), 1.0))
+                if idx:
                     with _perturbed(mod, wq, None):
                         emb_in[i, j] = (idx, lm.block_inputs([my_b[q] for q in idx], run_uncached)[0])
             emb_e[i] = (a, todo, e)
@@ -327,56 +353,61 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                         y = [lm.run_block(k, x, kw) for x, kw in zip(h[:own], kws[:own])]
                 finally:
                     diag.close()
-                y += [lm.run_block(k, x, kw) for x, kw in zip(h[own:], kws[own:])]   # replicated: no stats
                 fwd += 1
-                stats = {n: global_stats(n, diag, col if n in full else None) for n in names}
+                # the statistics are made global first; a rank's replicated batches (no statistics)
+                # run after that collective, while the others start on their cells
+                stats = global_stats(names, diag, col, full, f"input statistics of block {k}")
+                y += [lm.run_block(k, x, kw) for x, kw in zip(h[own:], kws[own:])]
+                # this rank's shares, made whole by ONE collective at the end of the block:
+                # option output errors (L-rows) and [Σ ‖Δ stream‖², tokens] per measured cell
+                errs, sums = {}, {}
                 if k == 0:
                     # embeddings, where block 0 has amplified them: the embedding output is a small
                     # stream that the first block normalises and writes a much larger one from
-                    for (i, j), (idx, hq) in emb_in.items():
-                        pos = {q: p for p, q in enumerate(idx)}
-                        D[i, j] = mean_over(lambda q: _sq(lm.run_block(0, hq[pos[q]], kws[q]), y[q]), idx,
-                                            f"embedding error of {graph.names[i]}")
-                        fwd += 1
                     for i, (a, todo, e) in emb_e.items():
-                        _carry(D, gamma, i, a, todo, e, allowed[i], specs)
+                        errs[i] = e
+                        for j in todo:        # every cell on every rank (zeros where not this rank's)
+                            idx, hq = emb_in.get((i, j), ([], []))
+                            sums[i, j] = local_sums(lambda q: _sq(lm.run_block(0, hq[idx.index(q)], kws[q]), y[q]),
+                                                    idx, h)
+                            fwd += 1
                     emb_in = {}
                 for n in names:
                     i, mod, info = row[n], mods[n], graph.layers[row[n]]
                     sq, cnt, st = stats[n]
                     w2 = layer_weight_2d(mod, info.kind).detach().float()
                     a, todo = _measured(specs, allowed[i], measure, anchors)
-                    e = np.zeros(B)
+                    errs[i] = np.zeros(B)
                     for j in np.nonzero(allowed[i])[0]:
-                        # this option's output error: one rank's (round-robin); its measurement: every
-                        # rank over its own batches, or for an anchor one rank over the anchor batches
-                        mine_e = my_cell()
-                        idx = [] if j not in todo else range(own) if (measure == "all" or j not in a) \
-                            else (sub if my_cell() else [])
-                        wq = fake_weight(mod, info.kind, specs[j], st) if mine_e or len(idx) else None
+                        mine_e, idx = deal(j, a, todo)
+                        wq = fake_weight(mod, info.kind, specs[j], st) if mine_e or idx else None
                         if mine_e:
-                            e[j] = _error(w2, layer_weight_2d(_Tmp(wq), info.kind), st, sq, cnt, specs[j])
-                        if j in todo:           # a collective on every rank, whoever measures
-                            with _perturbed(mod, wq, specs[j].act_bits) if len(idx) else contextlib.nullcontext():
-                                D[i, j] = mean_over(lambda q: _sq(lm.run_block(k, h[q], kws[q]), y[q]), idx,
-                                                    f"block error of {n}")
+                            errs[i][j] = _error(w2, layer_weight_2d(_Tmp(wq), info.kind), st, sq, cnt, specs[j])
+                        if j in todo:
+                            with _perturbed(mod, wq, specs[j].act_bits) if idx else contextlib.nullcontext():
+                                sums[i, j] = local_sums(lambda q: _sq(lm.run_block(k, h[q], kws[q]), y[q]), idx, h)
                             fwd += 1
-                    e = allsum(e, f"output errors of {n}")
-                    _carry(D, gamma, i, a, todo, e, allowed[i], specs)
                 for k0, xs in probe_x.items():        # the probes started before: on through this block
                     probe_x[k0] = [lm.run_block(k, x, kws[q]) for q, x in zip(pb, xs)]
-                    fwd += 1
-                if k in at:       # a new probe: noise on this block's output (one rank's, round-robin)
-                    sq_k = 0.0
-                    if at.index(k) % world == rank:
-                        probe_x[k] = []
-                        for q in pb:
-                            gen = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (k + 1) + loc[q])
-                            eps = torch.randn(y[q].shape, generator=gen, dtype=y[q].dtype) * (
-                                noise_rel * float(y[q].float().pow(2).mean().sqrt()))
-                            probe_x[k].append(y[q] + eps)
-                            sq_k += float(eps.pow(2).sum())
-                    probe_sq[k] = allsum(sq_k, f"probe at block {k}")
+                fwd += sum(k0 < k for k0 in at)       # (counted as one process counts them)
+                sq_k = 0.0
+                if k in at and at.index(k) % world == rank:   # a new probe: noise on this block's output
+                    probe_x[k] = []                           # (one rank's, round-robin)
+                    for q in pb:
+                        gen = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (k + 1) + loc[q])
+                        eps = torch.randn(y[q].shape, generator=gen, dtype=y[q].dtype) * (
+                            noise_rel * float(y[q].float().pow(2).mean().sqrt()))
+                        probe_x[k].append(y[q] + eps)
+                        sq_k += float(eps.pow(2).sum())
+                red = allsum_many([*errs.values(), *sums.values(), sq_k], f"errors of block {k}")
+                if k in at:
+                    probe_sq[k] = red[-1]
+                errs = dict(zip(errs, red[:len(errs)]))
+                for (i, j), s2 in zip(sums, red[len(errs):-1]):
+                    D[i, j] = ratio(s2)
+                for i, e in errs.items():
+                    a, todo = _measured(specs, allowed[i], measure, anchors)
+                    _carry(D, gamma, i, a, todo, e, allowed[i], specs)
                 del blk
             h = y
             if ck is not None and k + 1 < len(lm.block_names) and ck.due(checkpoint_every):
@@ -399,7 +430,10 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
             finally:
                 if diag is not None:
                     diag.close()
-            ratios = []
+            hstats = global_stats(list(head_mods), diag, col, full, "input statistics of the head") \
+                if head_mods else {}
+            refs += [logits(x, b) for x, b in zip(h[own:], my_b[own:])]      # replicated: no statistics
+            noise = []                                  # per draw: this rank's [Σ KL·tokens, Σ noise²]
             for d in range(noise_draws):
                 kl, s = 0.0, 0.0
                 for x, b, r, g in zip(h[:own], my_b[:own], refs, mine):
@@ -409,30 +443,35 @@ def block(model, calib_data, specs, graph: LayerGraph | None = None, loss_fn=Non
                     eps = torch.randn(x.shape, generator=gen, dtype=x.dtype) * sigma
                     kl += float(kl_to_reference(logits(x + eps, b), r)) * _ntok(x)
                     s += float(eps.pow(2).sum())
-                kl, s = allsum(np.array([kl, s]), "head noise")
-                ratios.append(float(kl) / max(float(s), 1e-30))
-            alpha = float(np.mean(ratios))
+                noise.append(np.array([kl, s]))
+            errs, sums = {}, {}                         # as in a block: this rank's shares
             for l in heads:
                 i, mod = row[l.name], head_mods[l.name]
-                sq, cnt, st = global_stats(l.name, diag, col if l.name in full else None)
+                sq, cnt, st = hstats[l.name]
                 w2 = layer_weight_2d(mod, head_kind[l.name]).detach().float()
                 a, todo = _measured(specs, allowed[i], measure, anchors)
-                e, kl = np.zeros(B), np.zeros(B)
+                errs[i] = np.zeros(B)
                 for j in np.nonzero(allowed[i])[0]:
-                    wq = fake_weight(mod, head_kind[l.name], specs[j], st)
-                    e[j] = _error(w2, layer_weight_2d(_Tmp(wq), head_kind[l.name]), st, sq, cnt, specs[j])
-                    if j not in todo:
-                        continue
-                    idx = range(own) if (measure == "all" or j not in a) else [q for q in sub if q < own]
-                    with _perturbed(mod, wq, specs[j].act_bits):
-                        kl[j] = mean_over(lambda q: float(kl_to_reference(logits(h[q], my_b[q]), refs[q])) * _ntok(h[q]),
-                                          idx, f"head KL of {l.name}")
-                g = np.full(L, np.nan)
-                _carry(kl[None, :], g[:1], 0, a, todo, e, allowed[i], specs)
-                head_kl[i] = kl
+                    mine_e, idx = deal(j, a, todo)
+                    wq = fake_weight(mod, head_kind[l.name], specs[j], st) if mine_e or idx else None
+                    if mine_e:
+                        errs[i][j] = _error(w2, layer_weight_2d(_Tmp(wq), head_kind[l.name]), st, sq, cnt, specs[j])
+                    if j in todo:
+                        with _perturbed(mod, wq, specs[j].act_bits) if idx else contextlib.nullcontext():
+                            sums[i, j] = local_sums(lambda q: float(kl_to_reference(logits(h[q], my_b[q]), refs[q]))
+                                                    * _ntok(h[q]), idx, h)
+            red = allsum_many([*noise, *errs.values(), *sums.values()], "head errors")
+            ratios = [float(kl) / max(float(s), 1e-30) for kl, s in red[:noise_draws]]
+            alpha = float(np.mean(ratios))
+            errs = dict(zip(errs, red[noise_draws:noise_draws + len(errs)]))
+            for (i, j), s2 in zip(sums, red[noise_draws + len(errs):]):
+                head_kl[i, j] = ratio(s2)
+            for i, e in errs.items():
+                a, todo = _measured(specs, allowed[i], measure, anchors)
+                _carry(head_kl[i][None, :], np.full(1, np.nan), 0, a, todo, e, allowed[i], specs)
     # ---- gains: how much of a perturbation of block k's output reaches the final stream
-    pts = {k0: allsum(sum(_sq(x, h[q]) for q, x in zip(pb, probe_x.get(k0, ()))), "probe gains")
-           / max(probe_sq[k0], 1e-30) for k0 in at}
+    moved = allsum_many([sum(_sq(x, h[q]) for q, x in zip(pb, probe_x.get(k0, ()))) for k0 in at], "probe gains")
+    pts = {k0: float(v) / max(probe_sq[k0], 1e-30) for k0, v in zip(at, moved)}
     gain = _gains(pts, n_blk)
     blk_of = np.array([lm.block_names.index(in_block[n]) if n in in_block else 0 for n in graph.names])
     row_gain = np.where([l.name in in_block or "embedding" in l.kinds for l in graph.layers], gain[blk_of], 1.0)
