@@ -142,30 +142,32 @@ class ScoreContext:
         """(L, B) ‖Q_b(W_l) − W_l‖² with the shared quantizer (0 where not allowed; input-aware where
         the layer's calibration statistics were gathered, see below), plus for ``act_bits`` options
         the weight-equivalent activation error (:meth:`act_delta_sq`)."""
-        def row(i):                           # (B,) of layer i
+        def cell(c) -> float:                 # ‖ΔW‖² of layer i at option j
+            i, j = c
             n = self.names[i]
-            r = [0.0] * len(self.specs)
             w = self.weight_2d(n).detach().float()
             st = (self.stats or {}).get(n)
+            dw = layer_weight_2d_of(self.quantized(i, j), self.layer(n).kind) - w
+            if st is None:
+                return float(dw.pow(2).sum())
             # with the layer's input statistics (gathered when calibrated methods are options), the
             # weight error is input-aware: the output error tr(ΔW Σ ΔWᵀ) as the equivalent isotropic
             # ‖ΔW‖² (× K / tr Σ) — equal to ‖ΔW‖² for isotropic inputs, and it credits AWQ / GPTQ,
             # which trade a larger ‖ΔW‖ for a smaller output error
-            scale = st.k / max(float(st.xtx.diagonal().sum()) / max(st.n_tokens, 1), 1e-30) if st else None
-            for j, s in enumerate(self.specs):
-                q = self.quantized(i, j)
-                if q is None:
-                    continue
-                dw = layer_weight_2d_of(q, self.layer(n).kind) - w
-                r[j] = float(st.output_error(dw) * scale) if st is not None else float(dw.pow(2).sum())
-            return r
-        L = len(self.names)
-        if self.ranks is not None:            # layers spread over the ranks (each row exact)
+            return float(st.output_error(dw) * (st.k / max(float(st.xtx.diagonal().sum()) / max(st.n_tokens, 1), 1e-30)))
+        L, B = len(self.names), len(self.specs)
+        # the allowed cells, largest layer first: on several ranks (round-robin, each cell exact)
+        # an embedding table's options go to different ranks instead of one rank getting them all
+        size = [self.graph.layers[i].n_params for i in range(L)]
+        cells = sorted(((int(i), int(j)) for i, j in zip(*np.nonzero(self.allowed))), key=lambda c: (-size[c[0]], c))
+        if self.ranks is not None:
             from .distributed import run_cells
-            rows = run_cells(list(range(L)), row, self.ranks, what="weight errors")
+            vals = run_cells(cells, cell, self.ranks, per_round=len(cells), what="weight errors")   # one gather
         else:
-            rows = {i: row(i) for i in range(L)}
-        out = np.array([rows[i] for i in range(L)], dtype=np.float64).reshape(L, len(self.specs))
+            vals = {c: cell(c) for c in cells}
+        out = np.zeros((L, B), dtype=np.float64)
+        for (i, j), v in vals.items():
+            out[i, j] = v
         if any(s.act_bits is not None for s in self.specs):
             out += self.act_delta_sq()
         return out

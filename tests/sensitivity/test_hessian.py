@@ -102,3 +102,17 @@ def test_output_probes_need_label_free_loss(net, labelled):
         score(net, labelled, method="hessian", loss_fn=ce_loss, probe="output")
     with pytest.raises(ValueError, match="backend"):
         score(net, labelled, method="hessian", loss_fn=ce_loss, backend="nope")
+
+
+def test_row_sums_refuse_non_finite_and_survive_float32_overflow():
+    """The probe sums check finiteness on the k row sums: a NaN/inf element is refused by name, and
+    a finite row whose float32 sum overflows is summed again in float64 (not refused)."""
+    from bitplan.sensitivity.hessian import _row_sums
+    t = torch.ones(2, 3, 4)
+    assert _row_sums(t, "x").tolist() == [12.0, 12.0]
+    bad = t.clone()
+    bad[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="gradient of fc1 is not finite"):
+        _row_sums(bad, "gradient of fc1")
+    big = torch.full((2, 2), 3e38)                       # finite; float32 row sum overflows to inf
+    assert np.allclose(_row_sums(big, "x"), [6e38, 6e38])
